@@ -1,0 +1,87 @@
+"""The data layer on real MNIST (from ../shared/datasets) and mocked CIFAR."""
+import numpy as np
+import pytest
+import tensorflow_datasets as tfds
+
+from jaxreg import data
+
+
+def _cfg(**kw):
+  c = data.default_config()
+  c.update(kw)
+  return c
+
+
+def test_mnist_prepared_offline_whole_splits(mnist_manual_dir):
+  ds = data.load(_cfg(name="mnist"))
+  assert ds.train_images.shape == (60000, 28, 28, 1)
+  assert ds.train_images.dtype == np.uint8
+  assert ds.test_images.shape == (10000, 28, 28, 1)
+  assert ds.num_classes == 10 and ds.class_names[3] == "3"
+  # Every digit is present in roughly its published proportion.
+  counts = np.bincount(ds.test_labels, minlength=10)
+  assert counts.min() > 850 and counts.sum() == 10000
+  assert not ds.has_val
+  # Statistics on the [0, 1] scale from the training split (the well-known
+  # MNIST values 0.1307 / 0.3081).
+  np.testing.assert_allclose(ds.mean, [0.1307], atol=1e-4)
+  np.testing.assert_allclose(ds.std, [0.3081], atol=1e-4)
+
+
+def test_validation_split_is_seeded_disjoint_and_stats_from_train(mnist_manual_dir):
+  a = data.load(_cfg(name="mnist", val_fraction=0.1, split_seed=3))
+  b = data.load(_cfg(name="mnist", val_fraction=0.1, split_seed=3))
+  c = data.load(_cfg(name="mnist", val_fraction=0.1, split_seed=4))
+  assert len(a.val_labels) == 6000 and len(a.train_labels) == 54000
+  np.testing.assert_array_equal(a.val_images, b.val_images)
+  assert not np.array_equal(a.val_images, c.val_images)
+  # Disjoint: no training image equals its validation counterpart by hash.
+  train_hashes = {x.tobytes() for x in a.train_images[:20000]}
+  dup = sum(x.tobytes() in train_hashes for x in a.val_images[:2000])
+  assert dup <= 2  # MNIST has a handful of exact duplicate digits.
+  scaled = a.train_images.astype(np.float64) / 255
+  np.testing.assert_allclose(a.mean, scaled.mean(), rtol=1e-6)
+  np.testing.assert_allclose(a.std, scaled.std(), rtol=1e-6)
+
+
+def test_subsets(mnist_manual_dir):
+  ds = data.load(_cfg(name="mnist", train_size=1000, test_size=500))
+  assert len(ds.train_labels) == 1000 and len(ds.test_labels) == 500
+
+
+def test_missing_dataset_says_which_files_to_put_where(tmp_path):
+  empty = tmp_path / "manual"
+  empty.mkdir()
+  with pytest.raises(FileNotFoundError) as e:
+    data.load(_cfg(name="fashion_mnist", data_dir=str(tmp_path / "tfds"),
+                   manual_dir=str(empty)))
+  msg = str(e.value)
+  assert "train-images-idx3-ubyte.gz" in msg and "t10k-labels-idx1-ubyte.gz" in msg
+  assert str(empty) in msg
+
+
+def test_unknown_dataset_name():
+  with pytest.raises(ValueError, match="unknown dataset 'minst'"):
+    data.load(_cfg(name="minst", data_dir="/nonexistent"))
+
+
+@pytest.mark.parametrize("bad", [dict(val_fraction=1.0), dict(val_fraction=-0.1),
+                                 dict(train_size=-1)])
+def test_bad_options_refused(bad):
+  with pytest.raises(ValueError, match="config.dataset"):
+    data.validate(_cfg(**bad))
+
+
+def test_mocked_cifar10_shapes_and_classes(tmp_path):
+  data._load_cached.cache_clear()
+  try:
+    with tfds.testing.mock_data(num_examples=64):
+      ds = data.load(_cfg(name="cifar10", data_dir=str(tmp_path),
+                          val_fraction=0.25))
+  finally:
+    data._load_cached.cache_clear()
+  assert ds.train_images.shape == (48, 32, 32, 3)
+  assert ds.val_images.shape == (16, 32, 32, 3)
+  # The mock builder carries no label names file; ClassLabel gives "0".."9".
+  assert ds.num_classes == 10 and len(ds.class_names) == 10
+  assert ds.mean.shape == (3,)
