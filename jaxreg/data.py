@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import io
 import logging
 import os
 from pathlib import Path
@@ -171,10 +172,12 @@ def _read_split(builder, split: str) -> tuple[np.ndarray, np.ndarray]:
   if not use_cache:
     return images, labels
   try:
-    # Written beside the prepared records: the cache dies with them.
-    tmp = cache.with_suffix(".tmp.npz")
-    np.savez(tmp, images=images, labels=labels)
-    os.replace(tmp, cache)
+    # Written beside the prepared records: the cache dies with them. The
+    # unique temporary name keeps parallel workers from clobbering it.
+    buf = io.BytesIO()
+    np.savez(buf, images=images, labels=labels)
+    from jaxreg import results
+    results.write_atomic(cache, buf.getvalue())
   except OSError as e:  # A read-only data_dir only loses the speed-up.
     logging.info("not caching %s: %s", cache, e)
   return images, labels

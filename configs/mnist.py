@@ -1,0 +1,32 @@
+"""Study S3's setting on MNIST: small CNN, BatchNorm, SGD lr 0.04, 20 epochs.
+
+  python launch.py --config=configs/mnist.py
+  python launch.py --config=configs/mnist.py:smoke   # seconds, a subset
+"""
+from jaxreg import config as config_lib
+
+
+def get_config(arg=None):
+  c = config_lib.base_config()
+  c.name = "mnist"
+  c.dataset.name = "mnist"
+  c.model.name = "mnist_cnn"
+  c.model.norm = "batch"
+  c.model.dropout = 0.05
+  c.optimizer.name = "sgd"
+  c.optimizer.lr = 0.04
+  c.optimizer.momentum = 0.9
+  c.train.batch_size = 128
+  c.train.epochs = 20
+  c.target_accuracy = 0.99
+  if arg == "smoke":
+    c.dataset.train_size = 4096
+    c.train.epochs = 2
+  elif arg:
+    raise ValueError(f"configs/mnist.py takes ':smoke' or nothing, not {arg!r}")
+  return c
+
+
+def get_sweep(arg=None):
+  del arg
+  return [{}]
