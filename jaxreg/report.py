@@ -21,6 +21,7 @@ import collections
 import csv
 import dataclasses
 import datetime
+import io
 import json
 import math
 import os
@@ -35,6 +36,7 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 
 from jaxreg import metrics
+from jaxreg import results
 
 SEED_AXIS = "seed"
 NORM_AXIS = "model.norm_layers"
@@ -610,7 +612,10 @@ def best_group(groups: Sequence[Group]) -> tuple[Group | None, str]:
 
 def _save(fig: Figure, path: Path) -> Path:
   path.parent.mkdir(parents=True, exist_ok=True)
-  fig.savefig(path, dpi=DPI, bbox_inches="tight", facecolor="white")
+  buf = io.BytesIO()
+  fig.savefig(buf, format="png", dpi=DPI, bbox_inches="tight",
+              facecolor="white")
+  results.write_atomic(path, buf.getvalue())
   return path
 
 
@@ -1227,7 +1232,7 @@ def build_report(workdir: str | os.PathLike,
   if notes:
     md += ["## Notes", ""] + [f"- {n}" for n in notes] + [""]
   out.parent.mkdir(parents=True, exist_ok=True)
-  out.write_text("\n".join(md))
+  results.write_atomic(out, "\n".join(md))
   return out
 
 

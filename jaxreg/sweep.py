@@ -1,0 +1,400 @@
+"""Sweeps: every variant of a study, resumable, sharded over devices and machines.
+
+A study file's `get_sweep(arg)` lists variants as dicts of dotted overrides.
+`run()` trains each into `<workdir>/<variant name>/` and keeps
+`<workdir>/summary.csv` current after every variant, so a sweep killed at any
+point loses at most the variant in flight, and a relaunch skips what is done.
+
+Three ways to spread the work:
+  * machines: `num_shards`/`shard_index` give each machine a deterministic
+    slice (round-robin over the study's variant list);
+  * accelerators of one machine, side by side: one worker process per group
+    of `devices_per_run` devices, each seeing only its own devices;
+  * one run over several devices (or hosts), data-parallel: `devices_per_run`
+    > 1, or `jax.distributed` for several hosts.
+
+Run as a worker (internal): `python -m jaxreg.sweep --spec=<spec.json>`.
+"""
+from __future__ import annotations
+
+import csv
+import dataclasses
+import io
+import json
+import math
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterable, Sequence
+
+import ml_collections
+from absl import logging
+
+from jaxreg import config as config_lib
+from jaxreg import results
+
+SUMMARY_COLUMNS = (
+    "test_accuracy", "test_loss", "test_macro_f1", "val_accuracy",
+    "train_time_s", "compile_time_s", "time_to_target_s", "epochs_to_target",
+    "epochs_completed", "num_params", "error")
+
+
+@dataclasses.dataclass(frozen=True)
+class Variant:
+  name: str
+  overrides: dict
+
+
+# --- Naming -----------------------------------------------------------------
+
+
+def format_value(v: Any) -> str:
+  if isinstance(v, bool):
+    return str(v).lower()
+  if isinstance(v, float):
+    return f"{v:g}"
+  if isinstance(v, (tuple, list)):
+    return "-".join(format_value(x) for x in v)
+  return str(v)
+
+
+def variant_name(overrides: dict) -> str:
+  """`{"model.norm": "group", "optimizer.l1": 1e-4}` -> "norm=group,l1=0.0001".
+
+  Keys are shortened to their last component unless two share it. The name
+  is stable (insertion order of the sweep file) and filesystem-safe.
+  """
+  if not overrides:
+    return "default"
+  leaves = [k.rsplit(".", 1)[-1] for k in overrides]
+  parts = []
+  for key, leaf in zip(overrides, leaves):
+    label = leaf if leaves.count(leaf) == 1 else key
+    parts.append(f"{label}={format_value(overrides[key])}")
+  name = ",".join(parts)
+  return re.sub(r"[^A-Za-z0-9._=,+-]", "_", name)
+
+
+def make_variants(sweep: Iterable[dict]) -> list[Variant]:
+  variants = [Variant(variant_name(o), dict(o))
+              for o in config_lib.dedupe(sweep)]
+  names = [v.name for v in variants]
+  dupes = sorted({n for n in names if names.count(n) > 1})
+  if dupes:
+    raise ValueError(f"variants share names {dupes}: make their overrides "
+                     "differ in a visible way")
+  return variants
+
+
+def shard(variants: Sequence[Variant], num_shards: int,
+          shard_index: int) -> list[Variant]:
+  """Round-robin slice: deterministic, balanced, independent of what ran."""
+  if num_shards < 1 or not 0 <= shard_index < num_shards:
+    raise ValueError(f"shard_index={shard_index} must be in [0, num_shards="
+                     f"{num_shards})")
+  return list(variants[shard_index::num_shards])
+
+
+def select(variants: Sequence[Variant], names: Sequence[str]) -> list[Variant]:
+  by_name = {v.name: v for v in variants}
+  unknown = [n for n in names if n not in by_name]
+  if unknown:
+    raise ValueError(f"unknown variants {unknown}; this study has: "
+                     f"{', '.join(by_name)}")
+  return [by_name[n] for n in names]
+
+
+# --- The table --------------------------------------------------------------
+
+
+def _axes(variants: Sequence[Variant]) -> list[str]:
+  axes: list[str] = []
+  for v in variants:
+    axes.extend(k for k in v.overrides if k not in axes)
+  return axes
+
+
+def _row(variant: Variant, summary: dict | None, axes: Sequence[str]) -> dict:
+  summary = summary or {"status": "pending"}
+  row = {"variant": variant.name, "status": summary.get("status")}
+  for a in axes:
+    row[a] = variant.overrides.get(a, "")
+  for c in SUMMARY_COLUMNS:
+    row[c] = summary.get(c)
+  return row
+
+
+def _read_summary(run_dir: Path) -> dict | None:
+  try:
+    return results.read_json(run_dir / "summary.json")
+  except (OSError, ValueError):
+    return None
+
+
+def write_table(workdir: Path, variants: Sequence[Variant],
+                override_rows: dict[str, dict] | None = None) -> list[dict]:
+  """Rebuilds summary.csv from every variant's summary.json on disk.
+
+  Reading the disk (not memory) lets shards on several machines sharing one
+  filesystem each write a complete table.
+  """
+  axes = _axes(variants)
+  rows = []
+  for v in variants:
+    row = (override_rows or {}).get(v.name)
+    rows.append(row or _row(v, _read_summary(workdir / v.name), axes))
+  buf = io.StringIO()
+  writer = csv.DictWriter(buf, fieldnames=["variant", "status", *axes,
+                                           *SUMMARY_COLUMNS])
+  writer.writeheader()
+  for r in rows:
+    writer.writerow({k: ("" if val is None else format_value(val)
+                         if isinstance(val, (tuple, list)) else val)
+                     for k, val in r.items()})
+  results.write_atomic(workdir / "summary.csv", buf.getvalue())
+  return rows
+
+
+# --- Running ----------------------------------------------------------------
+
+
+def resolve(config: str | ml_collections.ConfigDict,
+            overrides: dict | None = None,
+            sweep: Sequence[dict] | None = None):
+  """(base config, variants, config path or None) from a path or a config."""
+  path = None
+  if isinstance(config, (str, os.PathLike)):
+    path = str(config)
+    module, arg = config_lib.load_config_file(path)
+    base = module.get_config(arg)
+    if sweep is None:
+      sweep = module.get_sweep(arg) if hasattr(module, "get_sweep") else [{}]
+  else:
+    base = config
+  base = config_lib.apply_overrides(base, overrides or {})
+  return base, make_variants(sweep if sweep is not None else [{}]), path
+
+
+def _is_single(variants: Sequence[Variant]) -> bool:
+  return len(variants) == 1 and not variants[0].overrides
+
+
+def _run_one(base: ml_collections.ConfigDict, variant: Variant, run_dir: Path,
+             num_devices: int) -> dict:
+  from jaxreg import train  # Imports JAX; keep dry runs light.
+  prior = _read_summary(run_dir)
+  cfg = config_lib.apply_overrides(base, variant.overrides)
+  if num_devices:
+    cfg = config_lib.apply_overrides(cfg, {"train.num_devices": num_devices})
+  if prior and prior.get("status") == "completed":
+    results.check_same_config(run_dir, cfg.to_dict(), "a completed run")
+    logging.info("%s: already completed, skipped", run_dir)
+    return prior
+  return train.train_and_evaluate(cfg, run_dir, variant=variant.name,
+                                  overrides=variant.overrides)
+
+
+def run(config: str | ml_collections.ConfigDict, *,
+        workdir: str | os.PathLike,
+        overrides: dict | None = None,
+        sweep: Sequence[dict] | None = None,
+        variants: Sequence[str] | None = None,
+        num_shards: int = 1, shard_index: int = 0,
+        devices_per_run: int = 0,
+        side_by_side: bool = True,
+        dry_run: bool = False,
+        print_fn: Callable[[str], None] = print) -> list[dict]:
+  """Runs a study's variants; returns one summary row per variant.
+
+  Args:
+    config: a config file path ("configs/agc.py:smoke") or a ConfigDict.
+    workdir: where run directories and summary.csv go.
+    overrides: dotted overrides applied to every variant.
+    sweep: the variants as dicts of dotted overrides (default: the file's
+      `get_sweep(arg)`; for a ConfigDict, one run of it as is).
+    variants: names of the variants to run (default all).
+    num_shards, shard_index: this machine's slice of the variants.
+    devices_per_run: devices each run uses; 0 = all devices for a single run,
+      one device per variant side by side for a sweep.
+    side_by_side: with several local devices, run variants in parallel
+      worker processes, each seeing only its `devices_per_run` devices.
+      False runs them one after another in this process.
+    dry_run: print the variants and return without training.
+  """
+  if devices_per_run < 0:
+    raise ValueError(f"devices_per_run={devices_per_run} must be >= 0 "
+                     "(0: all devices for one run, one each in a sweep)")
+  base, all_variants, path = resolve(config, overrides, sweep)
+  todo = select(all_variants, variants) if variants else all_variants
+  todo = shard(todo, num_shards, shard_index)
+  if dry_run:
+    for v in todo:
+      print_fn(f"{v.name}  {json.dumps(v.overrides)}")
+    print_fn(f"{len(todo)} variants")
+    return [_row(v, None, _axes(all_variants)) for v in todo]
+  workdir = Path(workdir)
+  if _is_single(all_variants):
+    return [_row(all_variants[0],
+                 _run_one(base, all_variants[0], workdir, devices_per_run), [])]
+
+  workdir.mkdir(parents=True, exist_ok=True)
+  results.write_json(workdir / "sweep.json", {
+      "study": base.name, "config": path, "axes": _axes(all_variants),
+      "variants": [dataclasses.asdict(v) for v in all_variants]})
+  workers = _plan_workers(devices_per_run, len(todo)) if side_by_side else []
+  if workers:
+    _run_workers(workers, path, base, overrides, sweep, todo, workdir)
+    return [r for r in write_table(workdir, all_variants)
+            if r["variant"] in {v.name for v in todo}]
+
+  failed_rows: dict[str, dict] = {}
+  axes = _axes(all_variants)
+  for i, v in enumerate(todo, 1):
+    print_fn(f"[{i}/{len(todo)}] {v.name}")
+    run_dir = workdir / v.name
+    try:
+      _run_one(base, v, run_dir, devices_per_run)
+    except Exception as e:  # Recorded; the sweep goes on.
+      logging.exception("variant %s failed", v.name)
+      if isinstance(e, results.ConfigMismatch) or not (
+          run_dir / "summary.json").exists():
+        # Refused before its directory was touched: keep the old results.
+        failed_rows[v.name] = _row(v, {"status": "failed",
+                                       "error": f"{type(e).__name__}: {e}"},
+                                   axes)
+    write_table(workdir, all_variants, failed_rows)
+  rows = write_table(workdir, all_variants, failed_rows)
+  done = {v.name for v in todo}
+  return [r for r in rows if r["variant"] in done]
+
+
+# --- Side by side on one machine --------------------------------------------
+
+
+def _plan_workers(devices_per_run: int, num_variants: int) -> list[dict]:
+  """Device groups for worker processes; [] means run in this process."""
+  if num_variants < 2:
+    return []
+  import jax
+  devices = jax.local_devices()
+  per_run = devices_per_run or 1
+  n_workers = min(len(devices) // per_run, num_variants)
+  if n_workers < 2:
+    return []
+  backend = jax.default_backend()
+  groups = []
+  for w in range(n_workers):
+    ids = [d.id for d in devices[w * per_run:(w + 1) * per_run]]
+    env = {}
+    if backend == "gpu":
+      env["CUDA_VISIBLE_DEVICES"] = ",".join(str(i) for i in ids)
+    elif backend == "cpu":
+      # Simulated host devices (tests): give each worker its own count.
+      flags = re.sub(r"--xla_force_host_platform_device_count=\d+", "",
+                     os.environ.get("XLA_FLAGS", ""))
+      env["XLA_FLAGS"] = (
+          f"{flags} --xla_force_host_platform_device_count={per_run}").strip()
+    else:
+      raise ValueError(
+          f"side-by-side variants are supported on GPU (and simulated CPU "
+          f"devices), not on {backend}; use --devices_per_run={len(devices)} "
+          "to run each variant over all devices")
+    groups.append({"env": env, "devices": ids, "num_devices": per_run})
+  return groups
+
+
+def _run_workers(workers: list[dict], path: str | None,
+                 base: ml_collections.ConfigDict, overrides: dict | None,
+                 sweep: Sequence[dict] | None, todo: Sequence[Variant],
+                 workdir: Path) -> None:
+  procs: list[subprocess.Popen] = []
+  with _ForwardStop(procs) as stop:
+    for w, group in enumerate(workers):
+      if stop.signum is not None:
+        break
+      mine = [v.name for v in todo[w::len(workers)]]
+      spec = {"config_path": path, "config": None if path else base.to_dict(),
+              "overrides": overrides or {},
+              "sweep": list(sweep) if sweep else None,
+              "variants": mine, "workdir": str(workdir),
+              "devices_per_run": group["num_devices"]}
+      spec_path = workdir / f".worker-{w}.json"
+      results.write_json(spec_path, spec)
+      logging.info("worker %d on devices %s: %d variants", w,
+                   group["devices"], len(mine))
+      procs.append(subprocess.Popen(
+          [sys.executable, "-m", "jaxreg.sweep", f"--spec={spec_path}"],
+          env={**os.environ, **group["env"]}))
+    codes = [p.wait() for p in procs]
+  if stop.signum is not None:
+    # Each worker checkpointed its run and stopped; so does the sweep.
+    raise SystemExit(128 + stop.signum)
+  if any(codes):
+    logging.warning("worker exit codes %s (failed variants are in "
+                    "summary.csv)", codes)
+
+
+class _ForwardStop:
+  """While the workers run, SIGTERM or SIGINT here reaches them as SIGTERM.
+
+  Each worker then checkpoints its run at the current step and exits, and
+  none outlives the sweep to race a relaunch. (A terminal's Ctrl-C also
+  reaches the workers directly; a worker treats SIGINT + SIGTERM as one
+  request.) The previous handlers come back on exit.
+  """
+
+  def __init__(self, procs: list[subprocess.Popen]):
+    self.procs = procs
+    self.signum: int | None = None
+    self._previous: dict[int, Any] = {}
+
+  def __enter__(self) -> _ForwardStop:
+    if threading.current_thread() is threading.main_thread():
+      for s in (signal.SIGTERM, signal.SIGINT):
+        self._previous[s] = signal.signal(s, self._handle)
+    return self
+
+  def __exit__(self, *exc) -> None:
+    for s, handler in self._previous.items():
+      signal.signal(s, signal.SIG_DFL if handler is None else handler)
+
+  def _handle(self, signum: int, frame) -> None:
+    del frame
+    if self.signum is None:
+      self.signum = signum
+      logging.warning("%s received: asking the workers to checkpoint and "
+                      "stop", signal.Signals(signum).name)
+    for p in self.procs:
+      if p.poll() is None:
+        p.send_signal(signal.SIGTERM)
+
+
+def _worker_main(spec_path: str) -> int:
+  spec = results.read_json(spec_path)
+  config = spec["config_path"]
+  if config is None:
+    config = ml_collections.ConfigDict(spec["config"])
+  from jaxreg import launch
+  launch.enable_compilation_cache()
+  logging.set_verbosity(logging.INFO)
+  run(config, workdir=spec["workdir"], overrides=spec["overrides"],
+      sweep=spec["sweep"], variants=spec["variants"],
+      devices_per_run=spec["devices_per_run"], side_by_side=False)
+  return 0
+
+
+if __name__ == "__main__":
+  from absl import app, flags
+
+  _SPEC = flags.DEFINE_string("spec", None, "worker spec (internal)")
+
+  def _main(argv):
+    del argv
+    sys.exit(_worker_main(_SPEC.value))
+
+  app.run(_main)
