@@ -17,8 +17,9 @@ _WORKDIR = flags.DEFINE_string(
 _DRY_RUN = flags.DEFINE_bool(
     "dry_run", False, "Print the variants this invocation would run, then "
     "'N variants', and exit.")
-_VARIANTS = flags.DEFINE_list(
-    "variants", None, "Run only these variants (names as --dry_run prints).")
+_VARIANTS = flags.DEFINE_multi_string(
+    "variants", None, "Run only this variant (a name as --dry_run prints "
+    "it; names contain commas, so repeat the flag for several).")
 _NUM_SHARDS = flags.DEFINE_integer(
     "num_shards", 1, "Split the variants over this many machines/jobs.")
 _SHARD_INDEX = flags.DEFINE_integer(

@@ -56,13 +56,16 @@ def base_config() -> ml_collections.ConfigDict:
 
 def validate(config: ml_collections.ConfigDict) -> None:
   """Refuses impossible settings before any data is read or code compiled."""
-  from jaxreg import augment, data, models, optim
+  from jaxreg import augment, data, models, optim, schedules
 
   data.validate(config.dataset)
   optim.validate(config.optimizer)
   models.build_model(config.model, num_classes=10)  # Validates, cheap.
-  augment.parse(config.augment)
   t = config.train
+  # Checks names and options, and that extra cutout images fit the batch.
+  augment.output_batch_size(config.augment, max(t.batch_size, 1))
+  # A warmup or peak must end within the run.
+  schedules.validate(config.optimizer.schedule, t.epochs)
   if t.batch_size < 1:
     raise ValueError(f"config.train.batch_size={t.batch_size} must be >= 1")
   if t.epochs < 1:

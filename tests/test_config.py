@@ -65,3 +65,25 @@ def test_launch_refuses_misspelled_flag_before_training(tmp_path):
   assert out.returncode != 0
   assert "lrr" in out.stderr
   assert not (tmp_path / "summary.json").exists()
+
+
+@pytest.mark.parametrize("overrides,match", [
+    ({"augment": "flip|cutuot(size=8)"}, "cutuot"),
+    ({"augment": "cutout(sise=8)"}, "sise"),
+    ({"augment": "cutout_extra(n=16)", "train.batch_size": 8}, "n=16|batch"),
+    ({"optimizer.schedule.name": "onecycle",
+      "optimizer.schedule.peak_epoch": 30.0, "train.epochs": 20}, "peak"),
+])
+def test_augmentation_and_schedule_refused_at_validation(overrides, match):
+  c = config_lib.apply_overrides(config_lib.base_config(), overrides)
+  with pytest.raises(ValueError, match=match):
+    config_lib.validate(c)
+
+
+def test_launch_variants_flag_takes_names_with_commas(tmp_path):
+  out = subprocess.run(
+      [sys.executable, "launch.py", "--config=configs/l1_l2.py", "--dry_run",
+       "--variants=norm=layer,l1=0,weight_decay=0.001", f"--workdir={tmp_path}"],
+      cwd=ROOT, capture_output=True, text=True, timeout=120)
+  assert out.returncode == 0, out.stderr[-2000:]
+  assert out.stdout.strip().splitlines()[-1] == "1 variants"
