@@ -51,7 +51,6 @@ Args (after ':'; combine with ',', e.g. ':full,nf' or ':full,smoke'):
 """
 from __future__ import annotations
 
-import os
 
 import ml_collections
 
@@ -69,25 +68,13 @@ SMOKE_FULL_DROPOUT_LAYERS = (0, 2)
 NUM_VARIANTS = len(DROPOUT_LAYERS) * len(CLIPS) * len(BATCH_SIZES)  # 72
 
 
-def _parse_arg(arg: str | None) -> frozenset[str]:
-  tokens = [t.strip() for t in (arg or "").split(",") if t.strip()]
-  unknown = [t for t in tokens if t not in ARGS]
-  if unknown:
-    raise ValueError(
-        f"configs/agc.py: unknown arg(s) {', '.join(map(repr, unknown))}; "
-        f"valid args: {', '.join(ARGS)} (or none), combined with ','")
-  return frozenset(tokens)
-
-
 def _s1_module():
-  path = os.path.join(os.path.dirname(os.path.abspath(__file__)),
-                      "bn_dropout.py")
-  return config_lib.load_config_file(path)[0]
+  return config_lib.sibling(__file__, "bn_dropout.py")
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   """S1's recipe on the normalization-free ResNet-50, with AGC."""
-  args = _parse_arg(arg)
+  args = config_lib.parse_args(arg, ARGS, __file__)
   smoke = "smoke" in args
   c = _s1_module().get_config("smoke" if smoke else None)
   c.name = "agc"
@@ -108,7 +95,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
 def get_sweep(arg: str | None = None) -> list[dict]:
   """72 one-epoch screening variants, or 4 full runs (`full`)."""
-  args = _parse_arg(arg)
+  args = config_lib.parse_args(arg, ARGS, __file__)
   smoke = "smoke" in args
   model = [{"model.name": "nf_resnet"}] if "nf" in args else [{}]
   if "full" in args:

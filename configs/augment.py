@@ -50,7 +50,6 @@ Args (after ':'; combine with ',', e.g. ':s5,smoke'):
 """
 from __future__ import annotations
 
-import os
 
 import ml_collections
 
@@ -68,24 +67,13 @@ FINAL_BATCH = 256
 FINAL_EPOCHS = 200
 
 
-def _parse_arg(arg: str | None) -> frozenset[str]:
-  tokens = [t.strip() for t in (arg or "").split(",") if t.strip()]
-  unknown = [t for t in tokens if t not in ARGS]
-  if unknown:
-    raise ValueError(
-        f"configs/augment.py: unknown arg(s) {', '.join(map(repr, unknown))}; "
-        f"valid args: {', '.join(ARGS)} (or none), combined with ','")
-  return frozenset(tokens)
-
-
 def _sibling(name: str):
-  path = os.path.join(os.path.dirname(os.path.abspath(__file__)), name)
-  return config_lib.load_config_file(path)[0]
+  return config_lib.sibling(__file__, name)
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   """S1's recipe at batch 256 for 200 epochs, or resnet9.py's with `s5`."""
-  args = _parse_arg(arg)
+  args = config_lib.parse_args(arg, ARGS, __file__)
   smoke = "smoke" if "smoke" in args else None
   if "s5" in args:
     c = _sibling("resnet9.py").get_config(smoke)
@@ -119,7 +107,7 @@ def _s1_final_models(smoke: bool) -> list[dict]:
 
 def get_sweep(arg: str | None = None) -> list[dict]:
   """8 S1 final models, or 6 S5 augmentation variants (3 each in smoke)."""
-  args = _parse_arg(arg)
+  args = config_lib.parse_args(arg, ARGS, __file__)
   smoke = "smoke" in args
   if "s5" in args:
     extras = S5_SMOKE_EXTRAS if smoke else S5_EXTRAS

@@ -33,7 +33,6 @@ Args (after ':'; combine with ','):
 """
 from __future__ import annotations
 
-import os
 
 import ml_collections
 
@@ -43,25 +42,13 @@ ARGS = ("linear_lr", "smoke")
 BATCH_SIZES = (128, 8)
 
 
-def _parse_arg(arg: str | None) -> frozenset[str]:
-  tokens = [t.strip() for t in (arg or "").split(",") if t.strip()]
-  unknown = [t for t in tokens if t not in ARGS]
-  if unknown:
-    raise ValueError(
-        f"configs/batch_size.py: unknown arg(s) "
-        f"{', '.join(map(repr, unknown))}; valid args: {', '.join(ARGS)} "
-        f"(or none), combined with ','")
-  return frozenset(tokens)
-
-
 def _norms_module():
-  path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "norms.py")
-  return config_lib.load_config_file(path)[0]
+  return config_lib.sibling(__file__, "norms.py")
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   """norms.py's S4 recipe."""
-  args = _parse_arg(arg)
+  args = config_lib.parse_args(arg, ARGS, __file__)
   c = _norms_module().get_config("smoke" if "smoke" in args else None)
   c.name = "batch_size"
   return c
@@ -69,7 +56,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
 def get_sweep(arg: str | None = None) -> list[dict]:
   """BN and GN at batch 128 and 8 (4 variants, also in smoke mode)."""
-  args = _parse_arg(arg)
+  args = config_lib.parse_args(arg, ARGS, __file__)
   norms = _norms_module()
   recipe = norms.get_config()
   variants = []

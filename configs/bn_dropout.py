@@ -68,20 +68,9 @@ NUM_VARIANTS = len(NORM_LAYERS) * (1 + len(DROPOUT_LAYERS) * len(
     DROPOUT_P)) * len(BATCH_SIZES)  # 80
 
 
-def _parse_arg(arg: str | None) -> frozenset[str]:
-  tokens = [t.strip() for t in (arg or "").split(",") if t.strip()]
-  unknown = [t for t in tokens if t not in ARGS]
-  if unknown:
-    raise ValueError(
-        f"configs/bn_dropout.py: unknown arg(s) "
-        f"{', '.join(map(repr, unknown))}; valid args: {', '.join(ARGS)} "
-        f"(or none), combined with ','")
-  return frozenset(tokens)
-
-
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   """The S1 recipe (also the base of agc.py and augment.py)."""
-  args = _parse_arg(arg)
+  args = config_lib.parse_args(arg, ARGS, __file__)
   c = config_lib.base_config()
   c.name = "bn_dropout"
   c.dataset.name = "cifar10"
@@ -114,7 +103,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
 def get_sweep(arg: str | None = None) -> list[dict]:
   """The 80-variant grid (4 variants in smoke mode)."""
-  args = _parse_arg(arg)
+  args = config_lib.parse_args(arg, ARGS, __file__)
   smoke = "smoke" in args
   dropout = ([{"model.dropout_layers": 0, "model.dropout": 0.0}] +
              config_lib.product(model__dropout_layers=DROPOUT_LAYERS,

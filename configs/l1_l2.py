@@ -38,32 +38,11 @@ from jaxreg import config as config_lib
 ARGS = ("smoke",)
 
 
-def _parse_arg(arg: str | None) -> frozenset[str]:
-  tokens = [t.strip() for t in (arg or "").split(",") if t.strip()]
-  unknown = [t for t in tokens if t not in ARGS]
-  if unknown:
-    raise ValueError(
-        f"configs/l1_l2.py: unknown arg(s) {', '.join(map(repr, unknown))}; "
-        f"valid args: {', '.join(ARGS)} (or none), combined with ','")
-  return frozenset(tokens)
-
-
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-  """The S3 recipe shared by every variant."""
-  args = _parse_arg(arg)
-  c = config_lib.base_config()
+  """The S3 recipe shared by every variant: configs/mnist.py's."""
+  args = config_lib.parse_args(arg, ARGS, __file__)
+  c = config_lib.sibling(__file__, "mnist.py").get_config()
   c.name = "l1_l2"
-  c.dataset.name = "mnist"
-  c.model.name = "mnist_cnn"
-  c.model.norm = "batch"
-  c.model.dropout = 0.05
-  c.optimizer.name = "sgd"
-  c.optimizer.lr = 0.04
-  c.optimizer.momentum = 0.9
-  c.optimizer.schedule.name = "constant"
-  c.train.batch_size = 128
-  c.train.epochs = 20
-  c.target_accuracy = 0.99
   if "smoke" in args:
     c.dataset.train_size = 1024
     c.dataset.test_size = 500
@@ -73,7 +52,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
 def get_sweep(arg: str | None = None) -> list[dict]:
   """The three S3 variants (also in smoke mode)."""
-  _parse_arg(arg)
+  config_lib.parse_args(arg, ARGS, __file__)
   return [
       {"model.norm": "batch", "optimizer.l1": 1e-4,
        "optimizer.weight_decay": 1e-3},

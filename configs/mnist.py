@@ -5,6 +5,8 @@
 """
 from jaxreg import config as config_lib
 
+ARGS = ("smoke",)
+
 
 def get_config(arg=None):
   c = config_lib.base_config()
@@ -16,14 +18,13 @@ def get_config(arg=None):
   c.optimizer.name = "sgd"
   c.optimizer.lr = 0.04
   c.optimizer.momentum = 0.9
+  c.optimizer.schedule.name = "constant"  # S3 names no schedule.
   c.train.batch_size = 128
   c.train.epochs = 20
   c.target_accuracy = 0.99
-  if arg == "smoke":
+  if "smoke" in config_lib.parse_args(arg, ARGS, __file__):
     c.dataset.train_size = 4096
     c.train.epochs = 2
-  elif arg:
-    raise ValueError(f"configs/mnist.py takes ':smoke' or nothing, not {arg!r}")
   return c
 
 

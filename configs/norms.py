@@ -69,19 +69,9 @@ AUGMENT = "pad_crop(pad=4,mode='constant')|flip"
 FEATURE_LAYER = "stage3_block1/norm2"
 
 
-def _parse_arg(arg: str | None) -> frozenset[str]:
-  tokens = [t.strip() for t in (arg or "").split(",") if t.strip()]
-  unknown = [t for t in tokens if t not in ARGS]
-  if unknown:
-    raise ValueError(
-        f"configs/norms.py: unknown arg(s) {', '.join(map(repr, unknown))}; "
-        f"valid args: {', '.join(ARGS)} (or none), combined with ','")
-  return frozenset(tokens)
-
-
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   """The S4 recipe shared by every variant (also used by batch_size.py)."""
-  args = _parse_arg(arg)
+  args = config_lib.parse_args(arg, ARGS, __file__)
   c = config_lib.base_config()
   c.name = "norms"
   c.dataset.name = "cifar10"
@@ -122,7 +112,7 @@ def norm_variant(norm: str) -> dict:
 
 def get_sweep(arg: str | None = None) -> list[dict]:
   """One variant per norm (7; 4 in smoke mode)."""
-  args = _parse_arg(arg)
+  args = config_lib.parse_args(arg, ARGS, __file__)
   recipe = {}
   if "step" in args:
     recipe["optimizer.schedule.name"] = "step"

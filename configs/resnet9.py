@@ -55,19 +55,9 @@ SMOKE_SCHEDULES = ("onecycle", "exp_range")
 AUGMENT = "pad_crop(pad=4,mode='reflect')|flip|cutout(size=8)"
 
 
-def _parse_arg(arg: str | None) -> frozenset[str]:
-  tokens = [t.strip() for t in (arg or "").split(",") if t.strip()]
-  unknown = [t for t in tokens if t not in ARGS]
-  if unknown:
-    raise ValueError(
-        f"configs/resnet9.py: unknown arg(s) {', '.join(map(repr, unknown))}; "
-        f"valid args: {', '.join(ARGS)} (or none), combined with ','")
-  return frozenset(tokens)
-
-
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   """DavidNet's recipe (also the base of augment.py:s5)."""
-  args = _parse_arg(arg)
+  args = config_lib.parse_args(arg, ARGS, __file__)
   c = config_lib.base_config()
   c.name = "resnet9"
   c.dataset.name = "cifar10"
@@ -105,6 +95,6 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
 def get_sweep(arg: str | None = None) -> list[dict]:
   """One variant per LR policy (4; 2 in smoke mode)."""
-  args = _parse_arg(arg)
+  args = config_lib.parse_args(arg, ARGS, __file__)
   names = SMOKE_SCHEDULES if "smoke" in args else SCHEDULES
   return config_lib.product(optimizer__schedule__name=names)

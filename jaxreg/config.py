@@ -140,6 +140,25 @@ def load_config_file(path: str) -> tuple[Any, str | None]:
   return module, (arg or None)
 
 
+def parse_args(arg: str | None, valid: Sequence[str], file: str) -> frozenset[str]:
+  """Splits a config file's ':a,b' argument, refusing unknown words."""
+  tokens = [t.strip() for t in (arg or "").split(",") if t.strip()]
+  unknown = [t for t in tokens if t not in valid]
+  if unknown:
+    raise ValueError(
+        f"configs/{Path(file).name}: unknown arg(s) "
+        f"{', '.join(map(repr, unknown))}; valid args: {', '.join(valid)} "
+        "(or none), combined with ','")
+  return frozenset(tokens)
+
+
+def sibling(file: str, name: str):
+  """Another config file of the same folder, as a module: study files share
+  recipes this way instead of copying them (`sibling(__file__, "norms.py")`)."""
+  return load_config_file(os.path.join(os.path.dirname(os.path.abspath(file)),
+                                       name))[0]
+
+
 # --- Sweep helpers for configs/*.py -----------------------------------------
 
 
