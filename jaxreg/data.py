@@ -141,8 +141,14 @@ def _prepare(builder, name: str, manual_dir: str | None) -> None:
       raise FileNotFoundError(_missing_data_message(
           name, manual_dir,
           FileNotFoundError(f"missing {', '.join(missing)} in {manual_dir}")))
+  # A download directory per dataset: TFDS extracts manual files into
+  # <download_dir>/extracted under their own names, and MNIST and
+  # Fashion-MNIST ship files of the same names, so a shared directory hands
+  # the second dataset prepared the first one's images.
+  download_dir = Path(builder.data_dir).parents[1] / "downloads" / name
   try:
     builder.download_and_prepare(
+        download_dir=str(download_dir),
         download_config=tfds.download.DownloadConfig(manual_dir=manual_dir))
   except Exception as e:  # TFDS raises many types for offline failures.
     raise FileNotFoundError(_missing_data_message(name, manual_dir, e)) from e

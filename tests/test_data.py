@@ -28,6 +28,18 @@ def test_mnist_prepared_offline_whole_splits(mnist_manual_dir):
   np.testing.assert_allclose(ds.std, [0.3081], atol=1e-4)
 
 
+def test_fashion_mnist_is_not_mnist(mnist_manual_dir):
+  """MNIST and Fashion-MNIST ship files of the same names; each must be
+  prepared from its own (the published training means differ: 0.1307 for
+  digits, 0.2860 for clothes)."""
+  fashion = data.load(_cfg(name="fashion_mnist"))
+  digits = data.load(_cfg(name="mnist"))
+  assert fashion.class_names[0] == "T-shirt/top"
+  np.testing.assert_allclose(fashion.mean, [0.2860], atol=1e-4)
+  np.testing.assert_allclose(fashion.std, [0.3530], atol=1e-4)
+  assert not np.array_equal(fashion.test_images[:100], digits.test_images[:100])
+
+
 def test_validation_split_is_seeded_disjoint_and_stats_from_train(mnist_manual_dir):
   a = data.load(_cfg(name="mnist", val_fraction=0.1, split_seed=3))
   b = data.load(_cfg(name="mnist", val_fraction=0.1, split_seed=3))
