@@ -11,6 +11,7 @@ from them. Reading uses `builder.as_data_source`, which needs no TensorFlow.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import io
@@ -146,12 +147,36 @@ def _prepare(builder, name: str, manual_dir: str | None) -> None:
   # Fashion-MNIST ship files of the same names, so a shared directory hands
   # the second dataset prepared the first one's images.
   download_dir = Path(builder.data_dir).parents[1] / "downloads" / name
+  # Processes sharing a data_dir (side-by-side sweep workers, parallel test
+  # workers) prepare one at a time; the others then find it prepared.
+  with _file_lock(download_dir.parent / f"{name}.lock"):
+    try:
+      builder.download_and_prepare(
+          download_dir=str(download_dir),
+          download_config=tfds.download.DownloadConfig(manual_dir=manual_dir))
+    except Exception as e:  # TFDS raises many types for offline failures.
+      raise FileNotFoundError(
+          _missing_data_message(name, manual_dir, e)) from e
+
+
+@contextlib.contextmanager
+def _file_lock(path: Path):
+  """An exclusive advisory lock on `path` across processes (POSIX); a
+  no-op where fcntl or the directory is unavailable."""
   try:
-    builder.download_and_prepare(
-        download_dir=str(download_dir),
-        download_config=tfds.download.DownloadConfig(manual_dir=manual_dir))
-  except Exception as e:  # TFDS raises many types for offline failures.
-    raise FileNotFoundError(_missing_data_message(name, manual_dir, e)) from e
+    import fcntl  # pylint: disable=g-import-not-at-top
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle = open(path, "a")
+  except (ImportError, OSError) as e:
+    logging.info("preparing without a lock (%s)", e)
+    yield
+    return
+  with handle:
+    fcntl.flock(handle, fcntl.LOCK_EX)
+    try:
+      yield
+    finally:
+      fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def _is_prepared(builder) -> bool:
@@ -193,8 +218,9 @@ def _read_split(builder, split: str) -> tuple[np.ndarray, np.ndarray]:
 def _load_cached(name: str, data_dir: str | None, manual_dir: str | None):
   import tensorflow_datasets as tfds
   cfg = ml_collections.ConfigDict(dict(name=name, data_dir=data_dir))
+  _prepare(_builder(cfg), name, manual_dir)
+  # A fresh builder reads what was prepared, by this process or another.
   builder = _builder(cfg)
-  _prepare(builder, name, manual_dir)
   train = _read_split(builder, "train")
   test = _read_split(builder, "test")
   label = builder.info.features["label"]
