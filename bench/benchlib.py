@@ -1,0 +1,234 @@
+"""Helpers shared by bench/overhead.py and bench/mnist_epoch.py.
+
+A benchmark here times steady-state work (after compilation and a warm-up
+pass), repeats it and reports the median, and prints the 1-minute load
+average next to its numbers: on a shared machine a number taken under load
+is not comparable with one taken on an idle machine.
+"""
+from __future__ import annotations
+
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+  sys.path.insert(0, str(ROOT))
+
+import jax  # pylint: disable=g-import-not-at-top
+import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+import ml_collections  # pylint: disable=g-import-not-at-top
+import numpy as np  # pylint: disable=g-import-not-at-top
+import optax  # pylint: disable=g-import-not-at-top
+
+from jaxreg import config as config_lib  # pylint: disable=g-import-not-at-top
+from jaxreg import data as data_lib  # pylint: disable=g-import-not-at-top
+from jaxreg import models  # pylint: disable=g-import-not-at-top
+from jaxreg import train  # pylint: disable=g-import-not-at-top
+
+
+def load_avg() -> float:
+  """The 1-minute load average."""
+  return os.getloadavg()[0]
+
+
+def wait_for_quiet(max_load: float, wait_s: float) -> float:
+  """Waits (at most `wait_s`) for the 1-minute load to drop below
+  `max_load`; returns the load it measured last."""
+  deadline = time.time() + wait_s
+  while load_avg() >= max_load and time.time() < deadline:
+    time.sleep(5.0)
+  return load_avg()
+
+
+def median(xs: Sequence[float]) -> float:
+  return float(statistics.median(xs))
+
+
+def print_table(header: Sequence[str], rows: Sequence[Sequence[Any]],
+                title: str = "") -> None:
+  """A plain-text table (Markdown pipes, so it pastes into a README)."""
+  cells = [[str(h) for h in header]] + [[_fmt(c) for c in r] for r in rows]
+  widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
+  if title:
+    print(f"\n{title}")
+  line = lambda r: "| " + " | ".join(
+      c.rjust(w) if i else c.ljust(w)
+      for i, (c, w) in enumerate(zip(r, widths))) + " |"
+  print(line(cells[0]))
+  print("|" + "|".join("-" * (w + 2) for w in widths) + "|")
+  for r in cells[1:]:
+    print(line(r))
+  sys.stdout.flush()
+
+
+def _fmt(c: Any) -> str:
+  if isinstance(c, float):
+    if abs(c) >= 100:
+      return f"{c:,.0f}"
+    if abs(c) >= 10:
+      return f"{c:.1f}"
+    return f"{c:.2f}"
+  return str(c)
+
+
+def environment() -> str:
+  import platform
+  return (f"jax {jax.__version__}, backend {jax.default_backend()}, "
+          f"{os.cpu_count()} CPUs ({platform.processor() or platform.machine()})"
+          f", python {platform.python_version()}")
+
+
+def synthetic_dataset(image_shape: tuple[int, int, int], num_classes: int,
+                      n_train: int, n_test: int = 256,
+                      seed: int = 0) -> data_lib.Dataset:
+  """Random uint8 images: speed does not depend on the pixels, and models
+  without a downloaded dataset (CIFAR shapes) can be timed."""
+  rs = np.random.RandomState(seed)
+  img = lambda n: rs.randint(0, 256, (n,) + tuple(image_shape)).astype(np.uint8)
+  lab = lambda n: rs.randint(0, num_classes, n).astype(np.int32)
+  c = image_shape[-1]
+  return data_lib.Dataset(
+      name="synthetic", train_images=img(n_train), train_labels=lab(n_train),
+      val_images=img(0), val_labels=lab(0), test_images=img(n_test),
+      test_labels=lab(n_test), mean=np.full((c,), 0.5, np.float32),
+      std=np.full((c,), 0.25, np.float32), num_classes=num_classes,
+      class_names=tuple(str(i) for i in range(num_classes)))
+
+
+def mnist_config(arg: str | None = None) -> ml_collections.ConfigDict:
+  """configs/mnist.py: study S3's configuration."""
+  module, _ = config_lib.load_config_file(str(ROOT / "configs" / "mnist.py"))
+  return module.get_config(arg)
+
+
+class BareLoop:
+  """A hand-written jitted Flax loop: what a user writes without jaxreg.
+
+  Same model, batch and data path as the trainer (uint8 images resident on
+  the device, a permutation per epoch, the batch gathered and standardized
+  inside the step, dropout from a key folded with the step), plain
+  optax.sgd with momentum at a constant learning rate, and the mean loss
+  fetched once per epoch. `rng_impl` and `compiler_options` are the
+  trainer's resolved speed options (train.speed_options) or JAX's defaults
+  (None, {}).
+  """
+
+  def __init__(self, config: ml_collections.ConfigDict, ds: data_lib.Dataset,
+               rng_impl: str | None, compiler_options: dict):
+    t = config.train
+    self.batch_size = bs = t.batch_size
+    self.steps_per_epoch = len(ds.train_labels) // bs
+    self.model = model = models.build_model(config.model, ds.num_classes)
+    self.tx = tx = optax.sgd(config.optimizer.lr, config.optimizer.momentum)
+    self.images = jax.device_put(ds.train_images)
+    self.labels = jax.device_put(ds.train_labels)
+    self.n = len(ds.train_labels)
+    self.shape = (1,) + ds.image_shape
+    self.options = compiler_options
+    mean, std = jnp.asarray(ds.mean), jnp.asarray(ds.std)
+
+    def step(state, images, labels, perm, i, key):
+      params, batch_stats, opt_state = state
+      idx = jax.lax.dynamic_slice_in_dim(perm, i * bs, bs)
+      x = (images[idx].astype(jnp.float32) / 255.0 - mean) / std
+      y = labels[idx]
+      dropout_key = train.step_key(jax.random.fold_in(key, i), rng_impl)
+
+      def loss_fn(params):
+        variables = {"params": params}
+        if batch_stats:
+          variables["batch_stats"] = batch_stats
+        logits, updates = model.apply(
+            variables, x, train=True, rngs={"dropout": dropout_key},
+            mutable=["batch_stats"])
+        loss = optax.softmax_cross_entropy_with_integer_labels(logits, y)
+        return loss.mean(), updates
+
+      (loss, updates), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+          params)
+      upd, opt_state = tx.update(grads, opt_state, params)
+      params = optax.apply_updates(params, upd)
+      return (params, updates.get("batch_stats", batch_stats), opt_state), loss
+
+    self._step = jax.jit(step, donate_argnums=(0,))
+    self._perm = jax.jit(lambda key: jax.random.permutation(key, self.n))
+
+  def init_state(self, seed: int = 0):
+    variables = self.model.init(jax.random.key(seed),
+                                jnp.zeros(self.shape, jnp.float32), train=False)
+    params = variables["params"]
+    return (params, variables.get("batch_stats", {}), self.tx.init(params))
+
+  def compile(self, state, key) -> float:
+    t0 = time.perf_counter()
+    perm = self._perm(key)
+    self._compiled = self._step.lower(
+        state, self.images, self.labels, perm, np.int32(0), key).compile(
+            compiler_options=self.options)
+    return time.perf_counter() - t0
+
+  def epoch(self, state, epoch: int, key):
+    """One epoch; returns (state, mean loss), the loss fetched (a sync)."""
+    perm = self._perm(jax.random.fold_in(key, epoch))
+    losses = []
+    for i in range(self.steps_per_epoch):
+      state, loss = self._compiled(state, self.images, self.labels, perm,
+                                   np.int32(i), key)
+      losses.append(loss)
+    return state, float(jnp.mean(jnp.stack(losses)))
+
+
+class TrainerLoop:
+  """The framework's own epoch: train._Trainer.train_epoch + epoch_totals."""
+
+  def __init__(self, config: ml_collections.ConfigDict, ds: data_lib.Dataset):
+    self.trainer = train._Trainer(config, ds, train.make_mesh(1))  # pylint: disable=protected-access
+    self.steps_per_epoch = self.trainer.steps_per_epoch
+    self.batch_size = self.trainer.batch_size
+
+  def init_state(self, seed: int = 0):
+    return self.trainer.init_state(jax.random.key(seed))
+
+  def compile(self, state, key) -> float:
+    return self.trainer.compile(state, key)
+
+  def epoch(self, state, epoch: int, key):
+    state, step_metrics, _ = self.trainer.train_epoch(state, epoch, key)
+    return state, self.trainer.epoch_totals(step_metrics)["train_loss"]
+
+
+def time_epochs(loops: dict[str, Any], repeats: int, *,
+                between: Callable[[], None] | None = None
+                ) -> tuple[dict[str, float], dict[str, float],
+                           dict[str, list[float]]]:
+  """Compiles each loop and times its first epoch, then runs `repeats`
+  rounds in which every loop runs one epoch in turn (so all see the same
+  load).
+
+  Returns ({name: compile seconds}, {name: first-epoch seconds}, {name:
+  [steady epoch seconds per round]}). Each epoch ends with the loss on the
+  host, so the time is the device's.
+  """
+  key = jax.random.key(1)
+  states, compile_s, first_s = {}, {}, {}
+  for name, loop in loops.items():
+    state = loop.init_state()
+    compile_s[name] = loop.compile(state, key)
+    if between is not None:
+      between()
+    t0 = time.perf_counter()
+    states[name], _ = loop.epoch(state, 1, key)
+    first_s[name] = time.perf_counter() - t0
+  times = {name: [] for name in loops}
+  for r in range(repeats):
+    for name, loop in loops.items():
+      if between is not None:
+        between()
+      t0 = time.perf_counter()
+      states[name], _ = loop.epoch(states[name], r + 2, key)
+      times[name].append(time.perf_counter() - t0)
+  return compile_s, first_s, times
