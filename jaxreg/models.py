@@ -12,6 +12,16 @@ Call contract (shared with the train loop):
 with `x` float32 NHWC standardized images; returns float32 logits
 [B, num_classes] (the loss applies log-softmax).
 
+Traced dropout rates: `variables` may also hold a DROPOUT_COLLECTION
+("dropout_keep") collection, `dropout_keep(config.model)`: the keep
+probability 1 - p of each dropout rate the config sets, as float32 scalars
+that may be traced (stacked.py gives each member of a group its own). Every
+slot whose rate is in it is then built (even where its static rate is 0)
+and draws its mask with that keep probability; with the same dropout rng a
+slot of keep 1 - p computes bit for bit what nn.Dropout(p) does, and one of
+keep 1 returns its input exactly. Without it, rates are the static fields
+and rate-0 slots are skipped in Python, as before.
+
 Models:
   mnist_cnn     S3: small all-convolutional "EVA" network (~11k params).
   cifar_resnet  S4: ResNet 6n+2 of He et al. 2016, option A shortcuts.
@@ -19,21 +29,32 @@ Models:
                 per-slot control of norm and dropout layers.
   resnet9       S5: DavidNet / Myrtle ResNet-9 (~6.57M params).
   nf_resnet     S2: normalization-free bottleneck ResNet-50 (NF-ResNet).
+  airbench      Keller Jordan's airbench94 net (~2M params): a frozen
+                patch-whitening conv set from the training data
+                (`data_init`), then three conv-pool-norm-GELU blocks.
+
+A model that needs the training data to initialise (airbench) has a method
+`data_init(params, images_u8, mean, std) -> params`; the trainer calls it
+after `init` when present.
 
 Convolutions use Flax's default initializer (LeCun normal); a conv directly
-followed by a norm slot has no bias, one without a norm slot has a bias.
+followed by a norm slot has no bias, one without a norm slot has a bias
+(airbench keeps its reference's PyTorch initialisation, see there).
 """
 from __future__ import annotations
 
 import math
 from typing import Any, Callable, Sequence
 
+from absl import logging
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 from ml_collections import config_dict
 
+from jaxreg import fastconv
 from jaxreg import norms
 from jaxreg.registry import Registry
 
@@ -54,7 +75,53 @@ def _conv(features: int, kernel: int, strides: int = 1, *, use_bias: bool,
                  padding=kernel // 2, use_bias=use_bias, name=name)
 
 
-def _dropout(rate: float, x: Array, train: bool, name: str) -> Array:
+DROPOUT_COLLECTION = "dropout_keep"
+
+
+class TracedDropout(nn.Module):
+  """nn.Dropout with its keep probability (1 - rate) given as an array.
+
+  Computes what flax 0.12's nn.Dropout(rate) computes under jit, bit for
+  bit: one make_rng("dropout") of this module (so the same rng as an
+  nn.Dropout of the same name), mask = bernoulli(rng, keep, shape), then
+  select(mask, x * (1 / keep), 0). nn.Dropout writes x / keep, but its keep
+  is a compile-time constant and XLA rewrites division by a constant as
+  multiplication by its (float32) reciprocal; a traced keep is no constant,
+  so the reciprocal is written out. `keep` is float32, rounded once from
+  float64 1 - rate (`dropout_keep`), as nn.Dropout's Python float is.
+  keep = 1 returns x exactly (uniform draws are < 1, and x * 1 = x).
+  """
+
+  @nn.compact
+  def __call__(self, x: Array, keep: Array, deterministic: bool) -> Array:
+    if deterministic:
+      return x
+    keep = jnp.asarray(keep, jnp.float32)
+    mask = jax.random.bernoulli(self.make_rng("dropout"), keep, x.shape)
+    # nn.Dropout's Python float takes x's dtype (weak typing).
+    scale = 1.0 / keep.astype(x.dtype)
+    return jax.lax.select(mask, x * scale, jnp.zeros_like(x))
+
+
+def _traced_keep(module: nn.Module, names: Sequence[str]
+                 ) -> dict[str, Array | None]:
+  """Each name's keep probability in the module's DROPOUT_COLLECTION (None
+  where absent); refuses names the module does not know."""
+  given = module.variables.get(DROPOUT_COLLECTION, {})
+  unknown = sorted(set(given) - set(names))
+  if unknown:
+    raise ValueError(
+        f"{DROPOUT_COLLECTION} collection has {', '.join(unknown)}, which "
+        f"{type(module).__name__} does not have; valid choices: "
+        f"{', '.join(names) or '(none: it has no dropout)'}")
+  return {n: given.get(n) for n in names}
+
+
+def _dropout(rate: float, x: Array, train: bool, name: str,
+             keep: Array | None = None) -> Array:
+  # The slot keeps its name (and so its rng) whichever way it is built.
+  if keep is not None:
+    return TracedDropout(name=name)(x, keep, deterministic=not train)
   # Rate-0 slots create no module, so their paths do not clutter masks.
   if rate <= 0.0:
     return x
@@ -77,6 +144,10 @@ class MnistCNN(nn.Module):
   num_classes: int
   norm: ModuleDef
   dropout: float = 0.0
+  # How stride-1 convs are computed (fastconv.CONV_IMPLS): "auto" takes
+  # fastconv.SliceConv where it measured faster (1x1 and 1-channel-input
+  # convs on CPU), "xla" always nn.Conv. Same parameters either way.
+  conv_impl: str = "xla"
 
   # (name, out channels, padding) of the 3x3 conv blocks; "pool" marks a
   # 1x1 transition conv followed by a max-pool.
@@ -87,18 +158,25 @@ class MnistCNN(nn.Module):
 
   @nn.compact
   def __call__(self, x: Array, train: bool = False) -> Array:
+    keep = _traced_keep(self, ("dropout",))["dropout"]
+    platform = jax.default_backend()
+
+    def conv(features, kernel, padding, name):
+      slices = fastconv.use_slice_conv(self.conv_impl, platform, kernel,
+                                       x.shape[-1])
+      cls = fastconv.SliceConv if slices else nn.Conv
+      return cls(features, kernel, padding=padding, use_bias=False, name=name)
+
     transitions = 0
     for tag, features, padding in self.layout:
       if tag == "pool":
         transitions += 1
-        x = nn.Conv(features, (1, 1), use_bias=False,
-                    name=f"trans{transitions}")(x)
+        x = conv(features, (1, 1), "VALID", f"trans{transitions}")(x)
         x = nn.max_pool(x, (2, 2), strides=(2, 2))
         continue
-      x = nn.Conv(features, (3, 3), padding=padding, use_bias=False,
-                  name=f"conv{tag}")(x)
+      x = conv(features, (3, 3), padding, f"conv{tag}")(x)
       x = nn.relu(x)
-      x = _dropout(self.dropout, x, train, f"drop{tag}")
+      x = _dropout(self.dropout, x, train, f"drop{tag}", keep)
       x = self.norm(name=f"norm{tag}")(x, train=train)
     x = jnp.mean(x, axis=(1, 2))
     return nn.Dense(self.num_classes, name="classifier")(x)
@@ -121,11 +199,12 @@ class BasicBlock(nn.Module):
   dropout: float = 0.0
 
   @nn.compact
-  def __call__(self, x: Array, train: bool = False) -> Array:
+  def __call__(self, x: Array, train: bool = False,
+               dropout_keep: Array | None = None) -> Array:
     y = _conv(self.features, 3, self.strides, use_bias=False, name="conv1")(x)
     y = self.norm(name="norm1")(y, train=train)
     y = nn.relu(y)
-    y = _dropout(self.dropout, y, train, "drop1")
+    y = _dropout(self.dropout, y, train, "drop1", dropout_keep)
     y = _conv(self.features, 3, use_bias=False, name="conv2")(y)
     y = self.norm(name="norm2")(y, train=train)
     shortcut = x
@@ -150,6 +229,7 @@ class CifarResNet(nn.Module):
   @nn.compact
   def __call__(self, x: Array, train: bool = False) -> Array:
     n = (self.depth - 2) // 6
+    keep = _traced_keep(self, ("dropout",))["dropout"]
     x = _conv(16, 3, use_bias=False, name="stem_conv")(x)
     x = self.norm(name="stem_norm")(x, train=train)
     x = nn.relu(x)
@@ -157,7 +237,8 @@ class CifarResNet(nn.Module):
       for block in range(n):
         strides = 2 if stage > 0 and block == 0 else 1
         x = BasicBlock(features, strides, self.norm, self.dropout,
-                       name=f"stage{stage + 1}_block{block + 1}")(x, train)
+                       name=f"stage{stage + 1}_block{block + 1}")(
+                           x, train, keep)
     x = jnp.mean(x, axis=(1, 2))
     return nn.Dense(self.num_classes, name="classifier")(x)
 
@@ -165,12 +246,17 @@ class CifarResNet(nn.Module):
 # --------------------------------------------------------------------------
 # S1/S2: bottleneck ResNet-50 with per-slot norm and dropout.
 
+# Names of the bottleneck dropout slots (modules in every block) and of
+# their rates in the DROPOUT_COLLECTION of resnet50 and nf_resnet.
+SLOT_DROPOUTS = ("drop1", "drop2", "drop3")
+
 
 class Bottleneck(nn.Module):
   """1x1 -> 3x3 (strided) -> 1x1 (4x features) bottleneck, + shortcut.
 
   Slot k (1-based) is conv{k} -> [norm{k} if k <= norm_layers] -> ReLU
-  (slots 1, 2 only) -> [drop{k} if dropout_rates[k-1] > 0]. Slot 3's
+  (slots 1, 2 only) -> [drop{k} if dropout_rates[k-1] > 0, or with keep
+  probability dropout_keep[k-1] when that is given]. Slot 3's
   dropout comes before the residual addition; the ReLU after the addition.
   The projection shortcut (proj_conv, when the shape changes) is followed
   by proj_norm only if norm_layers > 0.
@@ -182,7 +268,8 @@ class Bottleneck(nn.Module):
   dropout_rates: tuple[float, float, float] = (0.0, 0.0, 0.0)
 
   @nn.compact
-  def __call__(self, x: Array, train: bool = False) -> Array:
+  def __call__(self, x: Array, train: bool = False,
+               dropout_keep: Sequence[Array | None] = (None,) * 3) -> Array:
     slots = ((self.features, 1, 1), (self.features, 3, self.strides),
              (4 * self.features, 1, 1))
     y = x
@@ -194,7 +281,8 @@ class Bottleneck(nn.Module):
         y = self.norm(name=f"norm{k}")(y, train=train)
       if k < 3:
         y = nn.relu(y)
-      y = _dropout(self.dropout_rates[k - 1], y, train, f"drop{k}")
+      y = _dropout(self.dropout_rates[k - 1], y, train, f"drop{k}",
+                   dropout_keep[k - 1])
     shortcut = x
     if x.shape != y.shape:
       has_norm = self.norm_layers > 0
@@ -220,6 +308,7 @@ class ResNet50(nn.Module):
 
   @nn.compact
   def __call__(self, x: Array, train: bool = False) -> Array:
+    keep = tuple(_traced_keep(self, SLOT_DROPOUTS).values())
     has_norm = self.norm_layers > 0
     x = _conv(self.width, 3, use_bias=not has_norm, name="stem_conv")(x)
     if has_norm:
@@ -230,7 +319,8 @@ class ResNet50(nn.Module):
         strides = 2 if stage > 0 and block == 0 else 1
         x = Bottleneck(self.width * 2**stage, strides, self.norm,
                        self.norm_layers, self.dropout_rates,
-                       name=f"stage{stage + 1}_block{block + 1}")(x, train)
+                       name=f"stage{stage + 1}_block{block + 1}")(
+                           x, train, keep)
     x = jnp.mean(x, axis=(1, 2))
     return nn.Dense(self.num_classes, name="classifier")(x)
 
@@ -270,6 +360,7 @@ class ResNet9(nn.Module):
   @nn.compact
   def __call__(self, x: Array, train: bool = False) -> Array:
     w = self.width
+    keep = _traced_keep(self, ("dropout",))["dropout"]
     x = ConvUnit(w, self.norm, name="prep")(x, train)
     for layer, features, residual in ((1, 2 * w, True), (2, 4 * w, False),
                                       (3, 8 * w, True)):
@@ -280,7 +371,8 @@ class ResNet9(nn.Module):
         for r in (1, 2):
           y = ConvUnit(features, self.norm, name=f"layer{layer}_res{r}")(
               y, train)
-          y = _dropout(self.dropout, y, train, f"layer{layer}_res{r}_drop")
+          y = _dropout(self.dropout, y, train, f"layer{layer}_res{r}_drop",
+                       keep)
         x = x + y
     x = jnp.max(x, axis=(1, 2))
     x = nn.Dense(self.num_classes, use_bias=False, name="classifier")(x)
@@ -365,7 +457,8 @@ class NFBottleneck(nn.Module):
   dropout_rates: tuple[float, float, float] = (0.0, 0.0, 0.0)
 
   @nn.compact
-  def __call__(self, x: Array, train: bool = False) -> Array:
+  def __call__(self, x: Array, train: bool = False,
+               dropout_keep: Sequence[Array | None] = (None,) * 3) -> Array:
     out = _scaled_relu(x) / self.beta
     shortcut = x
     if self.strides != 1 or x.shape[-1] != 4 * self.features:
@@ -378,7 +471,8 @@ class NFBottleneck(nn.Module):
       if k > 1:
         y = _scaled_relu(y)
       y = WSConv(features, kernel, strides, name=f"conv{k}")(y)
-      y = _dropout(self.dropout_rates[k - 1], y, train, f"drop{k}")
+      y = _dropout(self.dropout_rates[k - 1], y, train, f"drop{k}",
+                   dropout_keep[k - 1])
     skip_gain = self.param("skip_gain", nn.initializers.zeros, ())
     return shortcut + y * (self.alpha * skip_gain)
 
@@ -399,6 +493,7 @@ class NFResNet(nn.Module):
 
   @nn.compact
   def __call__(self, x: Array, train: bool = False) -> Array:
+    keep = tuple(_traced_keep(self, SLOT_DROPOUTS).values())
     x = WSConv(self.width, 3, name="stem_conv")(x)
     betas = nf_block_betas(self.stage_sizes, self.alpha)
     for stage, size in enumerate(self.stage_sizes):
@@ -406,9 +501,171 @@ class NFResNet(nn.Module):
         strides = 2 if stage > 0 and block == 0 else 1
         x = NFBottleneck(self.width * 2**stage, strides, betas[stage][block],
                          self.alpha, self.dropout_rates,
-                         name=f"stage{stage + 1}_block{block + 1}")(x, train)
+                         name=f"stage{stage + 1}_block{block + 1}")(
+                             x, train, keep)
     x = jnp.mean(_scaled_relu(x), axis=(1, 2))
     return nn.Dense(self.num_classes, name="classifier")(x)
+
+
+# --------------------------------------------------------------------------
+# Speedrun: airbench94 (Keller Jordan, github.com/KellerJordan/cifar10-airbench).
+
+# PyTorch's default Conv2d / Linear init, kaiming_uniform(a=sqrt(5)):
+# U(-1/sqrt(fan_in), 1/sqrt(fan_in)), i.e. variance 1 / (3 fan_in).
+torch_default_init = nn.initializers.variance_scaling(1.0 / 3.0, "fan_in",
+                                                      "uniform")
+
+COMPUTE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16,
+                  "float16": jnp.float16}
+
+
+def dirac_init(base: Callable = torch_default_init) -> Callable:
+  """`base`, then the first C_in output channels of an HWIO kernel set to
+  the identity (centre tap 1 on the matching input channel, 0 elsewhere),
+  as airbench's `dirac_(w[:C_in])`: an implicit residual at init."""
+
+  def init(key, shape, dtype=jnp.float32):
+    kernel = base(key, shape, dtype)
+    kh, kw, cin, cout = shape
+    n = min(cin, cout)
+    idx = jnp.arange(n)
+    kernel = kernel.at[..., :n].set(0)
+    return kernel.at[kh // 2, kw // 2, idx, idx].set(1)
+
+  return init
+
+
+def patch_second_moment(images: np.ndarray, patch: int,
+                        chunk: int = 512) -> tuple[np.ndarray, int]:
+  """Sum of p p^T over every (patch x patch x C) window p of `images`
+  (stride 1, valid), flattened in (h, w, c) order, in float64; and the
+  number of windows. Uncentred, as airbench's covariance estimate."""
+  images = np.asarray(images, np.float64)
+  n, h, w, c = images.shape
+  if h < patch or w < patch:
+    raise ValueError(f"images of {h}x{w} are smaller than the {patch}x{patch} "
+                     "whitening patch; lower config.model.whiten_patch")
+  dim = patch * patch * c
+  total = np.zeros((dim, dim))
+  count = 0
+  for start in range(0, n, chunk):
+    x = images[start:start + chunk]
+    windows = np.lib.stride_tricks.sliding_window_view(x, (patch, patch),
+                                                       axis=(1, 2))
+    # [b, H', W', c, ph, pw] -> rows in (ph, pw, c) order, the HWIO layout.
+    rows = windows.transpose(0, 1, 2, 4, 5, 3).reshape(-1, dim)
+    total += rows.T @ rows
+    count += len(rows)
+  return total, count
+
+
+def whitening_kernel(images_u8: np.ndarray, mean: Any, std: Any, *,
+                     patch: int = 2, eps: float = 5e-4) -> np.ndarray:
+  """airbench's patch-whitening conv kernel from uint8 NHWC images.
+
+  Images are standardized as the model sees them, ((x / 255) - mean) / std;
+  the second moment S = E[p p^T] of their patch x patch x C windows is
+  decomposed as S = V diag(lambda) V^T (float64), and output channel k of
+  the kernel is v_k / sqrt(lambda_k + eps), eigenvalues in descending order,
+  followed by the same filters negated (so a GELU after it keeps both
+  signs). The first half of the outputs thus has second moment
+  diag(lambda / (lambda + eps)), the identity up to eps.
+
+  Returns:
+    float32 HWIO kernel [patch, patch, C, 2 * patch * patch * C].
+  """
+  images = np.asarray(images_u8)
+  if images.dtype != np.uint8 or images.ndim != 4:
+    raise ValueError(f"whitening_kernel needs uint8 [N, H, W, C] images, got "
+                     f"{images.dtype} {images.shape}")
+  x = (images.astype(np.float64) / 255.0 - np.asarray(mean, np.float64)) \
+      / np.asarray(std, np.float64)
+  total, count = patch_second_moment(x, patch)
+  eigenvalues, eigenvectors = np.linalg.eigh(total / count)
+  order = np.argsort(eigenvalues)[::-1]
+  eigenvalues, eigenvectors = eigenvalues[order], eigenvectors[:, order]
+  filters = eigenvectors / np.sqrt(np.maximum(eigenvalues, 0.0) + eps)
+  c = images.shape[-1]
+  kernel = filters.reshape(patch, patch, c, -1)
+  return np.concatenate([kernel, -kernel], axis=-1).astype(np.float32)
+
+
+class AirbenchBlock(nn.Module):
+  """conv3x3 -> 2x2 max-pool -> norm -> GELU -> conv3x3 -> norm -> GELU
+  (airbench's ConvGroup; convs without bias, identity-initialised)."""
+  features: int
+  norm: ModuleDef
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: Array, train: bool = False) -> Array:
+    for k in (1, 2):
+      x = nn.Conv(self.features, (3, 3), padding="SAME", use_bias=False,
+                  dtype=self.dtype, kernel_init=dirac_init(),
+                  name=f"conv{k}")(x)
+      if k == 1:
+        x = nn.max_pool(x, (2, 2), strides=(2, 2))
+      x = self.norm(name=f"norm{k}")(x, train=train)
+      # PyTorch's nn.GELU is the exact (erf) one.
+      x = nn.gelu(x, approximate=False)
+    return x
+
+
+class Airbench(nn.Module):
+  """airbench94's network (Jordan 2024, "94% on CIFAR-10 in 3.29 seconds").
+
+  whiten (patch x patch conv, 2 * patch^2 * C outputs, VALID, with bias;
+  its kernel comes from `data_init` and is meant to stay frozen) -> GELU ->
+  three AirbenchBlocks of widths width * (1, 4, 4) -> 3x3 max-pool (stride
+  3; on CIFAR the 3x3 map that is left, so a global max) -> global max over
+  what remains -> Dense `classifier` (no bias) -> logits * logit_scale.
+
+  Convs and the classifier use PyTorch's default init, block convs with
+  identity (dirac) init on their first C_in outputs, as the reference.
+  Norms, their affine parameters and the logits stay float32; convs and the
+  classifier compute in `dtype` (airbench: float16 everywhere but the BN).
+  """
+  num_classes: int
+  norm: ModuleDef
+  width: int = 64
+  logit_scale: float = 1.0 / 9.0
+  whiten_patch: int = 2
+  whiten_eps: float = 5e-4
+  whiten_images: int = 5000
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: Array, train: bool = False) -> Array:
+    p = self.whiten_patch
+    channels = 2 * p * p * x.shape[-1]
+    x = nn.Conv(channels, (p, p), padding="VALID", use_bias=True,
+                dtype=self.dtype, kernel_init=torch_default_init,
+                name="whiten")(x.astype(self.dtype))
+    x = nn.gelu(x, approximate=False)
+    for i, mult in enumerate((1, 4, 4), start=1):
+      x = AirbenchBlock(self.width * mult, self.norm, self.dtype,
+                        name=f"block{i}")(x, train)
+    if min(x.shape[1:3]) >= 3:
+      x = nn.max_pool(x, (3, 3), strides=(3, 3))
+    x = jnp.max(x, axis=(1, 2))
+    x = nn.Dense(self.num_classes, use_bias=False, dtype=self.dtype,
+                 kernel_init=torch_default_init, name="classifier")(x)
+    return x.astype(jnp.float32) * self.logit_scale
+
+  def data_init(self, params: Any, images_u8: np.ndarray, mean: Any,
+                std: Any) -> Any:
+    """`params` with whiten/kernel set from the first `whiten_images`
+    training images (see `whitening_kernel`) and whiten/bias zeroed."""
+    kernel = whitening_kernel(images_u8[:self.whiten_images], mean, std,
+                              patch=self.whiten_patch, eps=self.whiten_eps)
+    old = params["whiten"]
+    if old["kernel"].shape != kernel.shape:
+      raise ValueError(f"whitening kernel {kernel.shape} does not fit the "
+                       f"model's whiten/kernel {old['kernel'].shape}: the "
+                       "images and the model disagree on channels")
+    whiten = {"kernel": jnp.asarray(kernel),
+              "bias": jnp.zeros_like(old["bias"])}
+    return {**params, "whiten": whiten}
 
 
 # --------------------------------------------------------------------------
@@ -422,6 +679,12 @@ MODELS: Registry[Builder] = Registry("model")
 NORM_FREE_MODELS = frozenset({"nf_resnet"})
 
 
+# Models with one dropout rate per bottleneck slot (SLOT_DROPOUTS), and
+# without dropout; the others have one rate, "dropout", for every slot.
+_SLOT_DROPOUT_MODELS = frozenset({"resnet50", "nf_resnet"})
+_NO_DROPOUT_MODELS = frozenset({"airbench"})
+
+
 def _slot_rates(cfg: ml_collections.ConfigDict) -> tuple[float, float, float]:
   """Dropout probability of each bottleneck slot: the first dropout_layers
   slots get dropout_per_slot if set (it wins over dropout), else dropout."""
@@ -431,9 +694,31 @@ def _slot_rates(cfg: ml_collections.ConfigDict) -> tuple[float, float, float]:
   return rates + (0.0,) * (3 - k)
 
 
+def dropout_keep(model_cfg: ml_collections.ConfigDict) -> dict[str, Any]:
+  """The DROPOUT_COLLECTION of `config.model`'s dropout rates.
+
+  {"dropout": 1 - dropout} for models with one rate; for resnet50 and
+  nf_resnet {"drop<k>": 1 - rate of slot k} for the first dropout_layers
+  slots (dropout_per_slot, else dropout); {} for airbench. float32 scalars
+  rounded once from float64, as nn.Dropout's keep probability is. Passed
+  to a model built from a config that differs at most in the rates, it
+  makes that model train as one built from `model_cfg` does (module
+  docstring), so the rates can be traced.
+  """
+  name = model_cfg.name
+  MODELS.get(name)  # Unknown names list the valid ones.
+  if name in _NO_DROPOUT_MODELS:
+    return {}
+  if name in _SLOT_DROPOUT_MODELS:
+    rates = _slot_rates(model_cfg)[:model_cfg.dropout_layers]
+    return {n: np.float32(1.0 - p) for n, p in zip(SLOT_DROPOUTS, rates)}
+  return {"dropout": np.float32(1.0 - float(model_cfg.dropout))}
+
+
 @MODELS.register("mnist_cnn")
 def _build_mnist_cnn(cfg, num_classes, norm):
-  return MnistCNN(num_classes, norm, dropout=float(cfg.dropout))
+  return MnistCNN(num_classes, norm, dropout=float(cfg.dropout),
+                  conv_impl=str(cfg.conv_impl))
 
 
 @MODELS.register("cifar_resnet")
@@ -466,6 +751,16 @@ def _build_nf_resnet(cfg, num_classes, norm):
                   dropout_rates=_slot_rates(cfg))
 
 
+@MODELS.register("airbench")
+def _build_airbench(cfg, num_classes, norm):
+  return Airbench(num_classes, norm, width=int(cfg.width),
+                  logit_scale=float(cfg.logit_scale),
+                  whiten_patch=int(cfg.whiten_patch),
+                  whiten_eps=float(cfg.whiten_eps),
+                  whiten_images=int(cfg.whiten_images),
+                  dtype=COMPUTE_DTYPES[cfg.dtype])
+
+
 def default_config() -> ml_collections.ConfigDict:
   """config.model: every option of every model, with its default."""
   cfg = ml_collections.ConfigDict()
@@ -484,15 +779,29 @@ def default_config() -> ml_collections.ConfigDict:
   cfg.dropout_layers = 0  # resnet50 / nf_resnet: first k slots get dropout.
   cfg.depth = 14  # cifar_resnet: 6n+2.
   cfg.stage_sizes = (3, 4, 6, 3)  # resnet50 / nf_resnet blocks per stage.
-  cfg.width = 64  # resnet50 / nf_resnet / resnet9 base channel width.
-  cfg.logit_scale = 0.125  # resnet9 logits multiplier.
+  # resnet50 / nf_resnet / resnet9 / airbench base channel width.
+  cfg.width = 64
+  cfg.logit_scale = 0.125  # resnet9 / airbench logits multiplier.
   cfg.nf_alpha = 0.2  # nf_resnet residual branch scale.
+  # airbench: side of the whitening conv's patches, the eps added to their
+  # eigenvalues, and how many (first) training images estimate them.
+  cfg.whiten_patch = 2
+  cfg.whiten_eps = 5e-4
+  cfg.whiten_images = 5000
+  # airbench: dtype its convs and classifier compute in (params, norms and
+  # logits stay float32); one of COMPUTE_DTYPES.
+  cfg.dtype = "float32"
+  # mnist_cnn: how its convs are computed, one of fastconv.CONV_IMPLS
+  # ("auto": matrix-product convs where they measured faster on CPU,
+  # bench/conv_impl.py; "xla": nn.Conv everywhere; "slices": everywhere).
+  cfg.conv_impl = "auto"
   return cfg
 
 
 def _validate(cfg: ml_collections.ConfigDict, num_classes: int) -> None:
   """Refuses bad options before anything is traced."""
   MODELS.get(cfg.name)  # Unknown names list the valid ones.
+  fastconv.check_conv_impl(cfg.conv_impl)
   if int(num_classes) != num_classes or num_classes < 2:
     raise ValueError(
         f"num_classes={num_classes!r}: a classifier needs an integer >= 2 "
@@ -536,6 +845,17 @@ def _validate(cfg: ml_collections.ConfigDict, num_classes: int) -> None:
   if not cfg.nf_alpha > 0:
     raise ValueError(
         f"config.model.nf_alpha={cfg.nf_alpha!r}: set a positive number")
+  for key in ("whiten_patch", "whiten_images"):
+    if not isinstance(cfg[key], int) or cfg[key] < 1:
+      raise ValueError(
+          f"config.model.{key}={cfg[key]!r}: set a positive integer")
+  if not cfg.whiten_eps > 0:
+    raise ValueError(
+        f"config.model.whiten_eps={cfg.whiten_eps!r}: set a positive number")
+  if cfg.dtype not in COMPUTE_DTYPES:
+    raise ValueError(
+        f"config.model.dtype={cfg.dtype!r}: valid choices: "
+        f"{', '.join(COMPUTE_DTYPES)}")
 
 
 def build_model(model_cfg: ml_collections.ConfigDict,
@@ -547,6 +867,15 @@ def build_model(model_cfg: ml_collections.ConfigDict,
   """
   _validate(model_cfg, num_classes)
   norm = norms.make_norm_from_config(model_cfg.norm, model_cfg.norm_kwargs)
+  if model_cfg.name == "mnist_cnn" and model_cfg.norm == "instance":
+    # S3's block order puts the last norm right before global average
+    # pooling; the spatial mean of an instance-normalized map is its bias.
+    logging.warning(
+        "mnist_cnn with norm=instance: the last block's instance norm sits "
+        "right before global average pooling, whose output is then the "
+        "norm's bias for every input, so the logits cannot depend on the "
+        "image and accuracy stays at chance. This is the S3 layer order, "
+        "kept as specified; use batch_instance, layer or group to compare.")
   return MODELS.get(model_cfg.name)(model_cfg, int(num_classes), norm)
 
 

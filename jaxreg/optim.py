@@ -9,7 +9,8 @@ present only when the config enables it):
   2. L1              g += l1 * sign(w) on params matching `l1_mask`. [l1 > 0]
   3. coupled decay   g += weight_decay * w on params matching
                      `weight_decay_mask`, before momentum, as PyTorch SGD's
-                     `weight_decay` (L2 penalty).
+                     `weight_decay` (L2 penalty); weight_decay / lr_multiplier
+                     on params matching `lr_multiplier_mask` (see 9).
                      [weight_decay > 0, decoupled_weight_decay False, not adamw]
   4. global clip     clip_by_global_norm(grad_clip_norm); it sees the L1 and
                      coupled-decay terms. [grad_clip_norm is not None]
@@ -24,6 +25,18 @@ present only when the config enables it):
                      chain's output is added to the params by apply_updates.
   8. gate LR         u *= gate_lr_multiplier on params named `gate`.
                      [gate_lr_multiplier != 1]
+  9. LR multiplier   u *= lr_multiplier on params matching
+                     `lr_multiplier_mask`. Their weight decay (3 or 6) was
+                     divided by lr_multiplier, so lr * weight_decay, the
+                     decay per step, stays that of the other params: the LR
+                     is scaled, not the decay (airbench's `bias_scaler` for
+                     BatchNorm biases). [lr_multiplier_mask set]
+ 10. frozen          u = 0 on params matching `frozen` (from the first step)
+                     and on params matching `frozen_after` from update
+                     round(frozen_after_epochs * steps_per_epoch) on (e.g.
+                     airbench's fixed whitening conv and its bias, trained
+                     for 3 epochs). Last in the chain, so nothing (decay,
+                     AGC) moves a frozen param. [frozen / frozen_after set]
 
 Injected hyperparameters: the whole chain is wrapped in
 `optax.inject_hyperparams`, so the values of `learning_rate` (the scale of the
@@ -45,6 +58,7 @@ batch-instance gates in [0, 1].
 from __future__ import annotations
 
 import inspect
+import math
 import re
 from typing import Any, Callable
 
@@ -88,6 +102,15 @@ def default_config() -> ml_collections.ConfigDict:
   c.agc_exclude = r"(^|/)classifier(/|$)"
   c.grad_clip_norm = config_dict.placeholder(float)  # None: no clipping.
   c.gate_lr_multiplier = 1.0
+  # Regex of params whose LR (not their weight decay) is multiplied by
+  # lr_multiplier; None: none.
+  c.lr_multiplier_mask = config_dict.placeholder(str)
+  c.lr_multiplier = 1.0
+  # Regex of params that never change (their updates are zeroed); None: none.
+  c.frozen = config_dict.placeholder(str)
+  # Regex of params frozen from epoch frozen_after_epochs on; None: none.
+  c.frozen_after = config_dict.placeholder(str)
+  c.frozen_after_epochs = 0.0
   c.b1 = 0.9
   c.b2 = 0.999
   c.eps = 1e-8
@@ -174,6 +197,42 @@ def add_l1(l1: float) -> optax.GradientTransformation:
   return optax.GradientTransformation(optax.init_empty_state, update_fn)
 
 
+def zero_from_step(step: int) -> optax.GradientTransformation:
+  """Passes updates through for update counts < `step`, then zeros them
+  (a param frozen part-way through training)."""
+
+  def init_fn(params):
+    del params
+    return optax.ScaleByScheduleState(count=jnp.zeros([], jnp.int32))
+
+  def update_fn(updates, state, params=None):
+    del params
+    keep = state.count < step
+    updates = jax.tree.map(lambda u: jnp.where(keep, u, jnp.zeros_like(u)),
+                           updates)
+    return updates, optax.ScaleByScheduleState(
+        count=optax.safe_increment(state.count))
+
+  return optax.GradientTransformation(init_fn, update_fn)
+
+
+def _decay(weight_decay, wd_mask: Callable, mult_regex: str | None,
+           mult: float) -> list[optax.GradientTransformation]:
+  """Weight decay on `wd_mask`; divided by `mult` on params matching
+  `mult_regex`, whose step is multiplied by `mult` later in the chain."""
+  if mult_regex is None:
+    return [optax.add_decayed_weights(weight_decay, wd_mask)]
+  mult_mask = _regex_mask(mult_regex)
+
+  def split(select_mult: bool) -> Callable[[PyTree], PyTree]:
+    return lambda params: jax.tree.map(
+        lambda d, m: d and (m == select_mult), wd_mask(params),
+        mult_mask(params))
+
+  return [optax.add_decayed_weights(weight_decay, split(False)),
+          optax.add_decayed_weights(weight_decay / mult, split(True))]
+
+
 def _check(ok: bool, message: str) -> None:
   if not ok:
     raise ValueError(message)
@@ -194,7 +253,8 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
     ValueError: unknown optimizer or schedule name (listing the valid ones),
       lr <= 0, momentum outside [0, 1), negative l1 / weight_decay,
       agc_clip <= 0, agc_eps <= 0, grad_clip_norm <= 0, bad adam betas/eps,
-      negative gate_lr_multiplier, an invalid mask regex.
+      negative gate_lr_multiplier, lr_multiplier <= 0, negative
+      frozen_after_epochs, an invalid mask regex.
   """
   OPTIMIZERS.get(cfg.name)
   _check(cfg.lr > 0, f"optimizer.lr must be > 0, got {cfg.lr}")
@@ -222,8 +282,15 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
     _check(0.0 <= cfg.b1 < 1.0, f"optimizer.b1 must be in [0, 1), got {cfg.b1}")
     _check(0.0 <= cfg.b2 < 1.0, f"optimizer.b2 must be in [0, 1), got {cfg.b2}")
     _check(cfg.eps > 0, f"optimizer.eps must be > 0, got {cfg.eps}")
+  _check(cfg.lr_multiplier > 0,
+         f"optimizer.lr_multiplier must be > 0, got {cfg.lr_multiplier}")
+  _check(cfg.frozen_after_epochs >= 0, f"optimizer.frozen_after_epochs must "
+         f"be >= 0, got {cfg.frozen_after_epochs}")
   for field in ("weight_decay_mask", "l1_mask", "agc_exclude"):
     _check_regex(field, cfg[field])
+  for field in ("lr_multiplier_mask", "frozen", "frozen_after"):
+    if cfg[field] is not None:
+      _check_regex(field, cfg[field])
   schedules.validate(cfg.schedule)
 
 
@@ -273,6 +340,14 @@ def make_optimizer(cfg: ml_collections.ConfigDict, steps_per_epoch: int,
   l1_mask = _regex_mask(cfg.l1_mask)
   agc_mask = _negated_mask(cfg.agc_exclude)
   gate_mask = _regex_mask(GATE_REGEX)
+  mult = float(cfg.lr_multiplier)
+  mult_regex = cfg.lr_multiplier_mask
+  use_mult = mult_regex is not None
+  frozen_regex = cfg.frozen
+  late_regex = cfg.frozen_after
+  # Same epochs -> steps rounding as the schedules.
+  late_step = int(math.floor(float(cfg.frozen_after_epochs) * steps_per_epoch
+                             + 0.5))
 
   injected = {"learning_rate": float(cfg.lr)}
   if use_momentum:
@@ -292,7 +367,7 @@ def make_optimizer(cfg: ml_collections.ConfigDict, steps_per_epoch: int,
     if use_l1:
       parts.append(optax.masked(add_l1(hp["l1"]), l1_mask))
     if use_wd and not decoupled:
-      parts.append(optax.add_decayed_weights(hp["weight_decay"], wd_mask))
+      parts.extend(_decay(hp["weight_decay"], wd_mask, mult_regex, mult))
     if clip_norm is not None:
       parts.append(optax.clip_by_global_norm(clip_norm))
     if name == "sgd":
@@ -301,11 +376,19 @@ def make_optimizer(cfg: ml_collections.ConfigDict, steps_per_epoch: int,
     else:
       parts.append(optax.scale_by_adam(b1=b1, b2=b2, eps=eps))
     if use_wd and decoupled:
-      parts.append(optax.add_decayed_weights(hp["weight_decay"], wd_mask))
+      parts.extend(_decay(hp["weight_decay"], wd_mask, mult_regex, mult))
     lr = hp["learning_rate"]
     parts.append(optax.scale_by_learning_rate(lambda count: lr * shape(count)))
     if gate_mult != 1.0:
       parts.append(optax.masked(optax.scale(gate_mult), gate_mask))
+    if use_mult:
+      parts.append(optax.masked(optax.scale(mult), _regex_mask(mult_regex)))
+    if frozen_regex is not None:
+      parts.append(optax.masked(optax.set_to_zero(),
+                                _regex_mask(frozen_regex)))
+    if late_regex is not None:
+      parts.append(optax.masked(zero_from_step(late_step),
+                                _regex_mask(late_regex)))
     return optax.chain(*parts)
 
   # inject_hyperparams reads the factory's signature to decide what to inject;
@@ -344,3 +427,89 @@ def set_hyperparams(opt_state, **values: float):
   for k, v in values.items():
     hp[k] = jnp.asarray(v, dtype=jnp.asarray(hp[k]).dtype)
   return state._replace(hyperparams=hp)
+
+
+# --- Weight averaging -------------------------------------------------------
+
+
+class LookaheadEMA:
+  """airbench's "lookahead" weight average, applied after optimizer updates.
+
+  Every `every` steps from epoch `start_epoch` (0-based) on, the average
+  moves towards the live weights and the live weights are replaced by it:
+
+    rho = decay ** every * (step / total_steps) ** power
+    ema <- rho * ema + (1 - rho) * live;   live <- ema
+
+  (`step` is the 1-based count of updates done; the decay warms up from 0
+  so the average follows the weights early and averages strongly at the
+  end.) The first such step only starts the average (rho = 0: ema = live).
+  At the end of every epoch, once started, live <- ema, discarding the
+  steps since the last average, as airbench does before it evaluates. So
+  the weights evaluated and saved after an epoch are the averaged ones;
+  the average is over weights and the BatchNorm running statistics alike
+  (airbench averages its whole state dict).
+
+  Unlike optax.lookahead, the decay changes with the step and the running
+  statistics are averaged too, which is why this acts on the train state
+  rather than inside the optimizer chain.
+  """
+
+  def __init__(self, *, decay: float, every: int, start_epoch: int,
+               power: float, steps_per_epoch: int, total_steps: int):
+    _check(0.0 < decay < 1.0, f"train.ema_decay must be in (0, 1) (0 turns "
+           f"the weight average off), got {decay}")
+    _check(isinstance(every, int) and every >= 1,
+           f"train.ema_every must be an integer >= 1, got {every!r}")
+    _check(isinstance(start_epoch, int) and start_epoch >= 0,
+           f"train.ema_start_epoch must be an integer >= 0, got "
+           f"{start_epoch!r}")
+    _check(power >= 0, f"train.ema_power must be >= 0, got {power}")
+    self.decay, self.every, self.power = float(decay), every, float(power)
+    self.steps_per_epoch, self.total_steps = steps_per_epoch, total_steps
+    # The first averaging step: a multiple of `every` in epoch start_epoch
+    # or later.
+    first_in_window = start_epoch * steps_per_epoch + 1
+    self.first_step = -(-first_in_window // every) * every
+    _check(self.first_step <= total_steps,
+           f"train.ema_start_epoch={start_epoch} with ema_every={every} "
+           f"leaves no averaging step in the {total_steps} steps of the run "
+           f"({steps_per_epoch} per epoch); lower ema_start_epoch or "
+           "ema_every")
+
+  def rho(self, step: jax.Array) -> jax.Array:
+    """The weight of the old average at (1-based) `step`: 0 when the average
+    starts, else decay ** every * (step / total_steps) ** power."""
+    frac = jnp.asarray(step, jnp.float32) / self.total_steps
+    rho = self.decay ** self.every * frac ** self.power
+    return jnp.where(step == self.first_step, 0.0, rho)
+
+  def __call__(self, step: jax.Array, live: PyTree, ema: PyTree
+               ) -> tuple[PyTree, PyTree]:
+    """(live, ema) after update number `step` (1-based) has been applied."""
+    step = jnp.asarray(step)
+    sync = (step >= self.first_step) & (step % self.every == 0)
+    epoch_end = (step >= self.first_step) & (
+        step % self.steps_per_epoch == 0)
+    rho = self.rho(step)
+
+    def average(e, x):
+      return jnp.where(sync, (rho * e + (1.0 - rho) * x).astype(x.dtype), e)
+
+    ema = jax.tree.map(average, ema, live)
+    live = jax.tree.map(lambda e, x: jnp.where(sync | epoch_end, e, x),
+                        ema, live)
+    return live, ema
+
+
+def make_lookahead(train_cfg: ml_collections.ConfigDict, steps_per_epoch: int
+                   ) -> LookaheadEMA | None:
+  """The weight average `config.train.ema_*` asks for; None when
+  `ema_decay` is 0 (off)."""
+  if train_cfg.ema_decay == 0:
+    return None
+  return LookaheadEMA(
+      decay=float(train_cfg.ema_decay), every=train_cfg.ema_every,
+      start_epoch=train_cfg.ema_start_epoch, power=float(train_cfg.ema_power),
+      steps_per_epoch=steps_per_epoch,
+      total_steps=steps_per_epoch * int(train_cfg.epochs))

@@ -321,6 +321,127 @@ def test_resnet9_dropout_in_residuals_only_in_train_mode():
 
 
 # --------------------------------------------------------------------------
+# Dropout rates as traced values (models.DROPOUT_COLLECTION).
+
+
+@pytest.mark.parametrize("p", [0.05, 0.5])
+def test_traced_dropout_is_nn_dropout_bit_for_bit(p):
+  """Same rng, same mask and scale as nn.Dropout(p), under jit (as the
+  train step runs it), with the keep probability a traced argument."""
+  import flax.linen as nn
+  x = jax.random.normal(key(0), (4, 6, 6, 8))
+  rngs = {"dropout": jax.random.key(3)}
+  static = nn.Dropout(p, name="drop1")
+  traced = models.TracedDropout(name="drop1")
+
+  @jax.jit
+  def both(x, keep):
+    return (static.apply({}, x, deterministic=False, rngs=rngs),
+            traced.apply({}, x, keep, False, rngs=rngs),
+            traced.apply({}, x, keep, True, rngs=rngs))
+
+  keep = models.dropout_keep(tiny_cfg("mnist_cnn", dropout=p))["dropout"]
+  assert keep == np.float32(1.0 - p)
+  want, got, eval_ = (np.asarray(a) for a in both(x, keep))
+  np.testing.assert_array_equal(got, want)
+  np.testing.assert_array_equal(eval_, x)
+  # Against the definition: kept units scaled by 1 / (1 - p), about a
+  # fraction 1 - p of them kept.
+  kept = got != 0
+  np.testing.assert_allclose(got[kept], np.asarray(x, np.float64)[kept] /
+                             (1 - p), rtol=1e-6)
+  assert abs(kept.mean() - (1 - p)) < 0.05
+  # Rate 0 (keep 1): the input itself, though a mask is drawn.
+  _, same, _ = both(x, np.float32(1.0))
+  np.testing.assert_array_equal(np.asarray(same), np.asarray(x))
+
+
+# (model, a member's own rates, the group's rates): the group's model has
+# every slot (at its largest rate); the member's rates come traced.
+TRACED_CASES = [
+    ("mnist_cnn", (28, 28, 1), {"dropout": 0.05}, {"dropout": 0.2}),
+    ("cifar_resnet", (32, 32, 3), {"dropout": 0.1}, {"dropout": 0.3}),
+    # Rate 0: a slot the member's own model skips.
+    ("resnet9", (32, 32, 3), {"dropout": 0.0}, {"dropout": 0.3}),
+    # Slot 2 exists only in the group's model: slot 1's masks (and the
+    # next blocks') must not change.
+    ("resnet50", (32, 32, 3),
+     {"dropout_layers": 2, "dropout_per_slot": (0.1, 0.0)},
+     {"dropout_layers": 2, "dropout_per_slot": (0.3, 0.2)}),
+    ("nf_resnet", (32, 32, 3),
+     {"dropout_layers": 2, "dropout": 0.2},
+     {"dropout_layers": 2, "dropout_per_slot": (0.3, 0.4)}),
+]
+
+
+@pytest.mark.parametrize("name,shape,own,group", TRACED_CASES,
+                         ids=[f"{c[0]}-{i}"
+                              for i, c in enumerate(TRACED_CASES)])
+def test_traced_rates_train_as_the_members_own_model(name, shape, own, group):
+  """The group's model given a member's dropout_keep computes, bit for bit,
+  what the member's own model (static rates, rate-0 slots skipped) does:
+  logits and updated batch statistics, with the same dropout rng."""
+  small = {"stage_sizes": (1, 1)} if name in ("resnet50", "nf_resnet") else {}
+  own_cfg = tiny_cfg(name, **small, **own)
+  mine = models.build_model(own_cfg, 10)
+  shared = models.build_model(tiny_cfg(name, **small, **group), 10)
+  variables, x = init(shared, shape)
+  # NF blocks start as the identity (skip_gain = 0): open the branches.
+  variables = jax.tree_util.tree_map_with_path(
+      lambda p, v: jnp.ones_like(v) if "skip_gain" in str(p) else v, variables)
+  rngs = {"dropout": key(7)}
+
+  @jax.jit
+  def run(variables, x, keep):
+    train = lambda m, v: m.apply(v, x, train=True, rngs=rngs,
+                                 mutable=["batch_stats"])
+    return (train(mine, variables),
+            train(shared, {**variables, models.DROPOUT_COLLECTION: keep}),
+            train(shared, variables))
+
+  keep = models.dropout_keep(own_cfg)
+  (want, want_stats), (got, got_stats), (other, _) = run(variables, x, keep)
+  np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+  for a, b in zip(jax.tree.leaves(got_stats), jax.tree.leaves(want_stats)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  # The traced rates are what made them equal: the group's own static
+  # rates give other logits.
+  assert not np.allclose(np.asarray(other), np.asarray(want), atol=1e-5)
+
+
+def test_dropout_keep_per_model():
+  f32 = np.float32
+  assert models.dropout_keep(tiny_cfg("mnist_cnn", dropout=0.1)) == {
+      "dropout": f32(0.9)}
+  assert models.dropout_keep(tiny_cfg("resnet9")) == {"dropout": f32(1.0)}
+  assert models.dropout_keep(tiny_cfg(
+      "resnet50", dropout=0.1, dropout_layers=2)) == {
+          "drop1": f32(0.9), "drop2": f32(0.9)}
+  assert models.dropout_keep(tiny_cfg(
+      "nf_resnet", dropout=0.1, dropout_layers=3,
+      dropout_per_slot=(0.2, 0.0, 0.3))) == {
+          "drop1": f32(0.8), "drop2": f32(1.0), "drop3": f32(0.7)}
+  assert models.dropout_keep(tiny_cfg("resnet50", dropout=0.1)) == {}
+  assert models.dropout_keep(tiny_cfg("airbench", dropout=0.1)) == {}
+  # Rounded once from float64, as nn.Dropout's keep probability.
+  assert models.dropout_keep(tiny_cfg("mnist_cnn", dropout=0.3))[
+      "dropout"] == f32(1.0 - 0.3)
+  with pytest.raises(ValueError, match="valid choices"):
+    models.dropout_keep(tiny_cfg("lenet"))
+
+
+def test_unknown_dropout_keep_name_lists_choices():
+  model = models.build_model(tiny_cfg("resnet50", stage_sizes=(1,)), 10)
+  variables = jax.eval_shape(
+      lambda: model.init(key(0), jnp.zeros((1, 32, 32, 3)), train=False))
+  variables = {**variables, models.DROPOUT_COLLECTION: {"dropout": 0.9}}
+  with pytest.raises(ValueError, match="valid choices: drop1, drop2, drop3"):
+    jax.eval_shape(lambda v: model.apply(
+        v, jnp.zeros((1, 32, 32, 3)), train=True, rngs={"dropout": key(0)},
+        mutable=["batch_stats"]), variables)
+
+
+# --------------------------------------------------------------------------
 # Building blocks against independent references.
 
 
@@ -476,7 +597,8 @@ def test_capture_features_unknown_layer_lists_choices():
 
 
 @pytest.mark.parametrize("overrides,num_classes,match", [
-    ({"name": "resnet18"}, 10, "valid choices: cifar_resnet, mnist_cnn"),
+    ({"name": "resnet18"}, 10,
+     "valid choices: airbench, cifar_resnet, mnist_cnn"),
     ({"norm": "batchnorm"}, 10, "valid choices: batch, batch_flax"),
     ({"norm_layers": 4}, 10, "norm_layers=4: set it to an integer in 0..3"),
     ({"norm_layers": -1}, 10, "norm_layers=-1"),
@@ -513,3 +635,26 @@ def test_default_config_builds_every_model():
   for name in MODEL_NAMES:
     cfg.name = name
     assert isinstance(models.build_model(cfg, 10), models.nn.Module)
+
+
+def test_mnist_cnn_with_instance_norm_cannot_see_the_input(caplog):
+  """S3's block order ends in a norm followed by global average pooling; the
+  spatial mean of an instance-normalized map is its bias, so the logits are
+  the same for every image (why the instance smoke run stays at chance), and
+  build_model says so."""
+  cfg = tiny_cfg("mnist_cnn", "instance")
+  with caplog.at_level("WARNING"):
+    model = models.build_model(cfg, 10)
+  assert "chance" in caplog.text
+  x = jax.random.normal(jax.random.key(0), (2, 28, 28, 1))
+  variables = model.init(jax.random.key(1), x, train=False)
+  # Non-trivial biases, so the constant is not just zero.
+  variables = jax.tree.map(lambda v: v + 0.1, variables)
+  logits = model.apply(variables, x, train=False)
+  np.testing.assert_allclose(logits[0], logits[1], rtol=1e-5, atol=1e-5)
+  # A norm that keeps per-channel means does see the input.
+  other = models.build_model(tiny_cfg("mnist_cnn", "layer"), 10)
+  v2 = jax.tree.map(lambda v: v + 0.1, other.init(jax.random.key(1), x,
+                                                    train=False))
+  out = other.apply(v2, x, train=False)
+  assert np.abs(np.asarray(out[0] - out[1])).max() > 1e-3
