@@ -43,6 +43,32 @@ def base_config() -> ml_collections.ConfigDict:
       feature_layer=config_dict.placeholder(str),
       # Seconds between progress lines inside an epoch; 0 = per epoch only.
       log_every_s=30.0,
+      # Test-time augmentation at evaluation: "" | "flip" | "flip_translate"
+      # (logits averaged over views; train.tta_logits).
+      tta="",
+      # Lookahead weight average (airbench; optim.LookaheadEMA): every
+      # ema_every steps from epoch ema_start_epoch (0-based) on,
+      # ema <- rho*ema + (1-rho)*weights, weights <- ema, with
+      # rho = ema_decay**ema_every * (step/total_steps)**ema_power.
+      # ema_decay 0 = off.
+      ema_decay=0.0,
+      ema_every=5,
+      ema_start_epoch=3,
+      ema_power=3.0,
+      # Speed (bench/README.md). PRNG of the dropout masks drawn inside
+      # the step, one of train.RNG_IMPLS: threefry4x32 is unrolled and fused
+      # by XLA; threefry2x32 (JAX's default) is a rolled loop on CPU, 8x
+      # slower there. Augmentation always uses threefry2x32 (train_step).
+      rng_impl="threefry4x32",
+      # "float32" or "bfloat16": dtype of the forward and backward passes;
+      # parameters, optimizer state, norm statistics and loss stay float32.
+      compute_dtype="float32",
+      # An epoch as one compiled lax.scan (True) or a Python loop over a
+      # jitted step (False); None: the measured choice for the platform
+      # (train.SCAN_EPOCH_DEFAULT; the loop on CPU).
+      scan_epoch=config_dict.placeholder(bool),
+      # On CPU, compile with train.XLA_CPU_OPTIONS; False: XLA's defaults.
+      xla_cpu_tuning=True,
   ))
   c.checkpoint = ml_collections.ConfigDict(dict(
       every_epochs=1,  # 0 = only at the end.
@@ -76,6 +102,21 @@ def validate(config: ml_collections.ConfigDict) -> None:
   if not 0.0 <= t.label_smoothing < 1.0:
     raise ValueError(
         f"config.train.label_smoothing={t.label_smoothing} must be in [0, 1)")
+  from jaxreg import train as train_lib
+  if t.tta not in train_lib.TTA_MODES:
+    raise ValueError(f"config.train.tta={t.tta!r}; valid choices: "
+                     f"{', '.join(map(repr, train_lib.TTA_MODES))}")
+  if t.ema_decay != 0:
+    if t.ema_start_epoch >= t.epochs:
+      raise ValueError(
+          f"config.train.ema_start_epoch={t.ema_start_epoch} (0-based) must "
+          f"be smaller than train.epochs={t.epochs}, or the weight average "
+          "never starts; lower it, or set ema_decay=0")
+    # Checks the other options; the trainer checks again with its steps
+    # per epoch.
+    optim.make_lookahead(t, steps_per_epoch=t.ema_every
+                         if isinstance(t.ema_every, int) and t.ema_every > 0
+                         else 1)
   if config.target_accuracy is not None and not 0 < config.target_accuracy <= 1:
     raise ValueError(f"config.target_accuracy={config.target_accuracy} is a "
                      "fraction in (0, 1], e.g. 0.87")

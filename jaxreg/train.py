@@ -55,6 +55,12 @@ FEATURE_PROBE_SIZE = 512
 
 class TrainState(train_state.TrainState):
   batch_stats: Any = None
+  # {"params", "batch_stats"} weight average when config.train.ema_decay > 0
+  # (optim.LookaheadEMA); None otherwise.
+  ema: Any = None
+  # models.DROPOUT_COLLECTION of this state's own dropout rates, set by
+  # stacked.py when a group's members differ in dropout; None otherwise.
+  dropout_keep: Any = None
 
 
 class Diverged(RuntimeError):
@@ -68,50 +74,141 @@ def _standardize(images_u8: jax.Array, mean: jax.Array, std: jax.Array):
   return (images_u8.astype(jnp.float32) / 255.0 - mean) / std
 
 
+def step_key(rng: jax.Array, impl: str | None) -> jax.Array:
+  """A key of PRNG implementation `impl` drawn from `rng` (None: `rng`).
+
+  The step's own randomness (dropout masks, augmentation) can come from a
+  cheaper generator than the run's threefry2x32 keys: on CPU, JAX lowers
+  threefry2x32 as a rolled loop that XLA does not fuse (dropout masks from
+  it took about a fifth of the S3 step, bench/README.md), while
+  threefry4x32 and philox4x32 are unrolled and fused. (philox4x32 does not
+  compile for arrays sharded over several devices in jax 0.10.2: its
+  `mulhi` has no sharding rule.) The new key is a pure function of `rng`,
+  so a resumed run draws the same numbers.
+  """
+  if impl is None:
+    return rng
+  shape = jax.eval_shape(
+      lambda: jax.random.key_data(jax.random.key(0, impl=impl))).shape
+  return jax.random.wrap_key_data(
+      jax.random.bits(rng, shape, jnp.uint32), impl=impl)
+
+
+def cast_floats(tree: Any, dtype: Any) -> Any:
+  """Floating leaves of `tree` cast to `dtype` (others untouched)."""
+  return jax.tree.map(
+      lambda x: x.astype(dtype)
+      if jnp.issubdtype(jnp.result_type(x), jnp.floating) else x, tree)
+
+
 def train_step(state: TrainState, batch: dict, rng: jax.Array, *,
                augment_fn: Callable, num_classes: int, label_smoothing: float,
-               mean: jax.Array, std: jax.Array) -> tuple[TrainState, dict]:
+               mean: jax.Array, std: jax.Array,
+               lookahead: optim.LookaheadEMA | None = None,
+               rng_impl: str | None = None,
+               compute_dtype: Any = None) -> tuple[TrainState, dict]:
   """One SGD step on `batch` = {"image": uint8 NHWC, "label": int32}.
 
   Augmentation runs here, on the device, from `rng` folded with the step so
   a resumed run draws exactly the randomness an uninterrupted one would.
+  With `lookahead`, the weight average follows the update (see
+  optim.LookaheadEMA). `rng_impl` names the PRNG dropout masks are drawn
+  from (see `step_key`). With `compute_dtype` (e.g. bfloat16) the forward and backward
+  passes run on parameters and images cast to it, while the parameters,
+  the optimizer state, the norm statistics and the loss stay float32.
   """
-  rng = jax.random.fold_in(rng, state.step)
-  aug_rng, dropout_rng = jax.random.split(rng)
+  aug_rng, dropout_rng = jax.random.split(jax.random.fold_in(rng, state.step))
+  # Only dropout draws from `rng_impl`: augmentation keeps the run's
+  # threefry2x32 key. XLA:CPU (jax 0.10.2) compiles pad_crop's randint from a
+  # fold_in of a converted threefry4x32 key into a fusion that never
+  # finishes; augmentation draws are few, dropout masks are the cost.
+  dropout_rng = step_key(dropout_rng, rng_impl)
   images = batch["image"].astype(jnp.float32) / 255.0
   labels = losses.one_hot(batch["label"], num_classes)
   images, labels = augment_fn(aug_rng, images, labels)
   images = (images - mean) / std
+  if compute_dtype is not None:
+    images = images.astype(compute_dtype)
 
   def loss_fn(params):
+    if compute_dtype is not None:
+      # The cast is differentiated: gradients arrive float32.
+      params = cast_floats(params, compute_dtype)
     variables = {"params": params}
     if state.batch_stats:
       variables["batch_stats"] = state.batch_stats
+    if state.dropout_keep is not None:
+      variables[models.DROPOUT_COLLECTION] = state.dropout_keep
     logits, updates = state.apply_fn(
         variables, images, train=True, rngs={"dropout": dropout_rng},
         mutable=["batch_stats"])
+    logits = logits.astype(jnp.float32)
     loss = losses.cross_entropy(logits, labels, label_smoothing).mean()
     return loss, (logits, updates)
 
   (loss, (logits, updates)), grads = jax.value_and_grad(
       loss_fn, has_aux=True)(state.params)
+  batch_stats = updates.get("batch_stats", state.batch_stats)
+  if compute_dtype is not None:
+    # Norm statistics stay in their own (float32) dtype.
+    batch_stats = jax.tree.map(lambda new, old: new.astype(old.dtype),
+                               batch_stats, state.batch_stats)
   state = state.apply_gradients(grads=grads)
   state = state.replace(
-      params=optim.project_params(state.params),
-      batch_stats=updates.get("batch_stats", state.batch_stats))
+      params=optim.project_params(state.params), batch_stats=batch_stats)
+  if lookahead is not None:
+    live, ema = lookahead(state.step, {"params": state.params,
+                                       "batch_stats": state.batch_stats},
+                          state.ema)
+    state = state.replace(params=live["params"],
+                          batch_stats=live["batch_stats"], ema=ema)
   correct = jnp.sum(jnp.argmax(logits, -1) == jnp.argmax(labels, -1))
   n = labels.shape[0]
   return state, {"loss_sum": loss * n, "correct": correct, "count": n}
 
 
+TTA_MODES = ("", "flip", "flip_translate")
+
+
+def tta_logits(apply_fn: Callable, variables: dict, images: jax.Array,
+               tta: str = "") -> jax.Array:
+  """Eval-mode logits, averaged over test-time views as airbench does.
+
+  "": the images only. "flip": 1/2 each for the images and their mirror.
+  "flip_translate" (airbench's TTA level 2): 1/4 each for the images and
+  their mirror, 1/8 each for the images shifted one pixel down-right and
+  up-left (reflect padding) and the mirrors of those. Logits, not
+  probabilities, are averaged. All views go through one batched call.
+  """
+  if tta not in TTA_MODES:
+    raise ValueError(f"config.train.tta={tta!r}; valid choices: "
+                     f"{', '.join(map(repr, TTA_MODES))}")
+  if not tta:
+    return apply_fn(variables, images, train=False)
+  views = [images, images[:, :, ::-1]]
+  weights = [0.5, 0.5]
+  if tta == "flip_translate":
+    h, w = images.shape[1:3]
+    padded = jnp.pad(images, ((0, 0), (1, 1), (1, 1), (0, 0)), mode="reflect")
+    for shifted in (padded[:, :h, :w], padded[:, 2:, 2:]):
+      views += [shifted, shifted[:, :, ::-1]]
+    weights = [0.25, 0.25] + [0.125] * 4
+  logits = apply_fn(variables, jnp.concatenate(views), train=False)
+  logits = logits.reshape((len(views), images.shape[0]) + logits.shape[1:])
+  return jnp.tensordot(jnp.asarray(weights, logits.dtype), logits, axes=1)
+
+
 def eval_step(state: TrainState, batch: dict, *, num_classes: int,
-              mean: jax.Array, std: jax.Array) -> dict:
-  """Per-example predictions and losses; the caller masks padding."""
+              mean: jax.Array, std: jax.Array, tta: str = "") -> dict:
+  """Per-example predictions and losses; the caller masks padding.
+
+  `tta` averages the logits over test-time views (see `tta_logits`).
+  """
   images = _standardize(batch["image"], mean, std)
   variables = {"params": state.params}
   if state.batch_stats:
     variables["batch_stats"] = state.batch_stats
-  logits = state.apply_fn(variables, images, train=False)
+  logits = tta_logits(state.apply_fn, variables, images, tta)
   labels = losses.one_hot(batch["label"], num_classes)
   return {"pred": jnp.argmax(logits, -1).astype(jnp.int32),
           "loss": losses.cross_entropy(logits, labels, 0.0)}
@@ -130,6 +227,58 @@ def make_mesh(num_devices: int) -> Mesh:
           "for all")
     devices = devices[:num_devices]
   return Mesh(np.asarray(devices), ("data",))
+
+
+# --- Speed options (bench/README.md has the measurements) --------------------
+
+# Whether an epoch runs as one compiled lax.scan, per platform, when
+# config.train.scan_epoch is None. Only measured platforms are listed; the
+# others get the Python loop (bench/mnist_epoch.py --scan measures both).
+SCAN_EPOCH_DEFAULT = {"cpu": False}
+
+# XLA:CPU options for config.train.xla_cpu_tuning: XLA's own loop emitters
+# for convolutions (Eigen) and YNNPACK for elementwise ops and reductions.
+XLA_CPU_OPTIONS = {
+    "xla_cpu_experimental_ynn_fusion_type": (
+        "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT,LIBRARY_FUSION_TYPE_ELTWISE,"
+        "LIBRARY_FUSION_TYPE_REDUCE"),
+}
+
+COMPUTE_DTYPES = {"float32": None, "bfloat16": jnp.bfloat16}
+RNG_IMPLS = ("threefry4x32", "threefry2x32", "philox4x32")
+
+
+def speed_options(t: ml_collections.ConfigDict, platform: str,
+                  num_devices: int = 1) -> tuple[str | None, Any, bool, dict]:
+  """(rng_impl, compute_dtype, scan_epoch, compiler options) of the
+  `config.train` section `t` on `num_devices` devices of `platform`;
+  refuses bad values."""
+  if t.rng_impl not in RNG_IMPLS:
+    raise ValueError(f"config.train.rng_impl={t.rng_impl!r}; valid choices: "
+                     f"{', '.join(RNG_IMPLS)}")
+  try:
+    jax.random.key(0, impl=t.rng_impl)
+  except (ValueError, KeyError, TypeError) as e:
+    raise ValueError(
+        f"config.train.rng_impl={t.rng_impl!r} is not available in jax "
+        f"{jax.__version__}; use 'threefry2x32'") from e
+  if t.rng_impl == "philox4x32" and num_devices > 1:
+    raise ValueError(
+        "config.train.rng_impl='philox4x32' does not compile for a batch "
+        f"sharded over {num_devices} devices (jax {jax.__version__}); use "
+        "'threefry4x32'")
+  if t.compute_dtype not in COMPUTE_DTYPES:
+    raise ValueError(
+        f"config.train.compute_dtype={t.compute_dtype!r}; valid choices: "
+        f"{', '.join(COMPUTE_DTYPES)}")
+  scan = t.scan_epoch
+  if scan is None:
+    scan = SCAN_EPOCH_DEFAULT.get(platform, False)
+  options = dict(XLA_CPU_OPTIONS) if (
+      platform == "cpu" and t.xla_cpu_tuning) else {}
+  # Threefry is what the key already is: no conversion in the step.
+  impl = None if t.rng_impl == "threefry2x32" else t.rng_impl
+  return impl, COMPUTE_DTYPES[t.compute_dtype], bool(scan), options
 
 
 def _pad_to(x: np.ndarray, multiple: int) -> np.ndarray:
@@ -165,6 +314,9 @@ class _Trainer:
     self.eval_batch_size = -(-min(t.eval_batch_size, max(
         len(ds.test_labels), len(ds.val_labels), 1)) // n_dev) * n_dev
 
+    self.platform = mesh.devices.flat[0].platform
+    (self.rng_impl, self.compute_dtype, self.scan_epoch,
+     self.compiler_options) = speed_options(t, self.platform, n_dev)
     self.repl = NamedSharding(mesh, P())
     self.data_sharding = NamedSharding(mesh, P("data"))
     self.model = models.build_model(config.model, ds.num_classes)
@@ -173,6 +325,8 @@ class _Trainer:
     self.schedule = schedules.make_schedule(
         config.optimizer.schedule, config.optimizer.lr, self.steps_per_epoch,
         t.epochs)
+    self.lookahead = optim.make_lookahead(t, self.steps_per_epoch)
+    self.data_init_time_s = 0.0
     self.augment_fn = augment_lib.make_augment(
         config.augment, ds.image_shape, ds.num_classes)
     # Refuses e.g. more extra cutout images than the batch holds, now
@@ -206,7 +360,17 @@ class _Trainer:
           {"image": images[idx], "label": labels[idx]}, data_sh)
       return train_step(state, batch, rng, augment_fn=self.augment_fn,
                         num_classes=ds.num_classes,
-                        label_smoothing=t.label_smoothing, mean=mean, std=std)
+                        label_smoothing=t.label_smoothing, mean=mean, std=std,
+                        lookahead=self.lookahead, rng_impl=self.rng_impl,
+                        compute_dtype=self.compute_dtype)
+
+    spe = self.steps_per_epoch
+
+    def train_scan(state, images, labels, perm, rng):
+      # A whole epoch as one program (config.train.scan_epoch).
+      return jax.lax.scan(
+          lambda s, i: train_batch(s, images, labels, perm, i, rng), state,
+          jnp.arange(spe, dtype=jnp.int32))
 
     ebs = self.eval_batch_size
 
@@ -215,7 +379,7 @@ class _Trainer:
       batch = jax.lax.with_sharding_constraint(
           {"image": sl(images), "label": sl(labels)}, data_sh)
       return eval_step(state, batch, num_classes=ds.num_classes, mean=mean,
-                       std=std)
+                       std=std, tta=t.tta)
 
     # S4's feature analysis: quantiles of one layer's activations on a
     # fixed batch (the first test or validation images), every epoch.
@@ -235,6 +399,7 @@ class _Trainer:
 
     self._feature_quantiles = jax.jit(feature_quantiles)
     self._train_batch = jax.jit(train_batch, donate_argnums=(0,))
+    self._train_scan = jax.jit(train_scan, donate_argnums=(0,))
     self._eval_batch = jax.jit(eval_batch)
     self._perm = jax.jit(
         lambda key: jax.random.permutation(key, len(ds.train_labels)),
@@ -247,26 +412,49 @@ class _Trainer:
       # Eval mode: initial running statistics must not see the dummy input.
       variables = self.model.init({"params": rng, "dropout": rng},
                                   jnp.zeros(shape, jnp.float32), train=False)
-      return TrainState.create(
+      state = TrainState.create(
           apply_fn=self.model.apply, params=variables["params"], tx=self.tx,
           batch_stats=variables.get("batch_stats", {}))
+      if self.lookahead is not None:
+        # Zeros: the first averaging step replaces them (rho = 0).
+        state = state.replace(ema=jax.tree.map(jnp.zeros_like, {
+            "params": state.params, "batch_stats": state.batch_stats}))
+      return state
 
-    return jax.jit(init, out_shardings=self.repl)(rng)
+    state = jax.jit(init, out_shardings=self.repl)(rng)
+    if hasattr(self.model, "data_init"):
+      # E.g. airbench's whitening conv, from the training images (host
+      # NumPy; timed, since airbench counts it in its training time).
+      t0 = time.perf_counter()
+      params = self.model.data_init(jax.device_get(state.params),
+                                    self.ds.train_images, self.ds.mean,
+                                    self.ds.std)
+      state = state.replace(params=jax.device_put(params, self.repl))
+      jax.block_until_ready(state.params)
+      self.data_init_time_s = time.perf_counter() - t0
+    return state
 
   def compile(self, state: TrainState, rng: jax.Array) -> float:
     """Compiles both steps ahead of time; returns the seconds it took."""
     t0 = time.perf_counter()
+    opts = self.compiler_options
     perm = self._perm(jax.random.key(0))
+    # The single step is compiled in scan mode too: a resumed epoch that
+    # starts mid-way (and stacked.py's loop engine) runs it.
     self._train_compiled = self._train_batch.lower(
         state, self.train_images, self.train_labels, perm, np.int32(0),
-        rng).compile()
+        rng).compile(compiler_options=opts)
+    if self.scan_epoch:
+      self._scan_compiled = self._train_scan.lower(
+          state, self.train_images, self.train_labels, perm,
+          rng).compile(compiler_options=opts)
     self._eval_compiled = {}
     for split, (x, y, _) in self.eval_sets.items():
       self._eval_compiled[split] = self._eval_batch.lower(
-          state, x, y, np.int32(0)).compile()
+          state, x, y, np.int32(0)).compile(compiler_options=opts)
     if self.feature_layer:
       self._features_compiled = self._feature_quantiles.lower(
-          state, self.probe_images).compile()
+          state, self.probe_images).compile(compiler_options=opts)
     return time.perf_counter() - t0
 
   def features(self, state: TrainState) -> dict | None:
@@ -289,10 +477,20 @@ class _Trainer:
     is true before one. `step_metrics` are those of the steps before
     `start` (from a checkpoint), so a resumed epoch sums the same numbers in
     the same order as an uninterrupted one.
+
+    With `scan_epoch`, a whole epoch is one call (no progress lines, and a
+    stop request waits for the epoch's end); a resumed epoch that starts
+    mid-way runs its remaining steps one by one.
     """
     perm = self._perm(jax.random.fold_in(jax.random.fold_in(rng, 1), epoch))
     step_metrics = list(step_metrics)
     first = (epoch - 1) * self.steps_per_epoch
+    if self.scan_epoch and start == 0:
+      if should_stop is not None and should_stop(first):
+        return state, step_metrics, 0
+      state, m = self._scan_compiled(state, self.train_images,
+                                     self.train_labels, perm, rng)
+      return state, [m], self.steps_per_epoch
     last_log = time.perf_counter()
     for i in range(start, self.steps_per_epoch):
       if should_stop is not None and should_stop(first + i):
@@ -309,8 +507,11 @@ class _Trainer:
 
   @staticmethod
   def epoch_totals(step_metrics: Sequence[dict]) -> dict:
-    totals = jax.device_get(jax.tree.map(lambda *x: jnp.sum(jnp.stack(x)),
-                                         *step_metrics))
+    """Loss and accuracy over the epoch from per-step metrics (or, from a
+    scanned epoch, metrics stacked over steps): one sum over all steps."""
+    totals = jax.device_get(jax.tree.map(
+        lambda *x: jnp.sum(jnp.concatenate([jnp.ravel(v) for v in x])),
+        *step_metrics))
     return {"train_loss": float(totals["loss_sum"] / totals["count"]),
             "train_accuracy": float(totals["correct"] / totals["count"])}
 
@@ -449,6 +650,8 @@ def _run(config: ml_collections.ConfigDict, workdir: Path, summary: dict,
   init_rng, train_rng = jax.random.split(rng)
   state = trainer.init_state(init_rng)
   summary["num_params"] = int(sum(x.size for x in jax.tree.leaves(state.params)))
+  if trainer.data_init_time_s:
+    summary["data_init_time_s"] = trainer.data_init_time_s
   summary["num_devices"] = int(mesh.devices.size)
   compile_time = trainer.compile(state, train_rng)
 
@@ -508,8 +711,9 @@ def _run(config: ml_collections.ConfigDict, workdir: Path, summary: dict,
       row = {"epoch": epoch, "step": epoch * spe,
              "lr": float(trainer.schedule(epoch * spe - 1)), **row}
       if epoch % t.eval_every == 0 or epoch == t.epochs:
+        t_eval = time.perf_counter()
         flat, full = trainer.eval_metrics(state)
-        row.update(flat)
+        row.update(flat, eval_time_s=time.perf_counter() - t_eval)
       features = trainer.features(state)
       if features is not None:
         row["features"] = features
