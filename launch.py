@@ -32,6 +32,14 @@ _DEVICES_PER_RUN = flags.DEFINE_integer(
 _DISTRIBUTED = flags.DEFINE_bool(
     "distributed", False, "Call jax.distributed.initialize() first: one run "
     "over the devices of several hosts.")
+_STACK = flags.DEFINE_bool(
+    "stack", False, "Train variants that differ only in lr, weight decay, "
+    "L1, AGC clip, momentum or seed together as one stacked group "
+    "(jaxreg/stacked.py); each still gets its own run directory.")
+_STACK_MODE = flags.DEFINE_enum(
+    "stack_mode", "auto", ["auto", "vmap", "loop"], "With --stack: vmap "
+    "(one batched program), loop (one compiled step, members in turn; "
+    "bit-identical to separate runs) or auto (loop on CPU, vmap elsewhere).")
 _REPORT = flags.DEFINE_bool(
     "report", True, "Write <workdir>/report.md and figures at the end.")
 
@@ -47,7 +55,8 @@ def main(argv):
       workdir=_WORKDIR.value, dry_run=_DRY_RUN.value,
       variants=_VARIANTS.value, num_shards=_NUM_SHARDS.value,
       shard_index=_SHARD_INDEX.value, devices_per_run=_DEVICES_PER_RUN.value,
-      distributed=_DISTRIBUTED.value, report=_REPORT.value)
+      distributed=_DISTRIBUTED.value, report=_REPORT.value,
+      stack=_STACK.value, stack_mode=_STACK_MODE.value)
 
 
 if __name__ == "__main__":

@@ -35,7 +35,8 @@ def main(config_path: str, *, overrides: dict | None = None,
          workdir: str | None = None, dry_run: bool = False,
          variants: list[str] | None = None, num_shards: int = 1,
          shard_index: int | None = None, devices_per_run: int = 0,
-         distributed: bool = False, report: bool = True) -> list[dict]:
+         distributed: bool = False, report: bool = True,
+         stack: bool = False, stack_mode: str = "auto") -> list[dict]:
   workdir = workdir or default_workdir(config_path)
   if shard_index is None:
     shard_index = default_shard_index()
@@ -47,7 +48,7 @@ def main(config_path: str, *, overrides: dict | None = None,
   rows = sweep.run(config_path, workdir=workdir, overrides=overrides,
                    variants=variants, num_shards=num_shards,
                    shard_index=shard_index, devices_per_run=devices_per_run,
-                   dry_run=dry_run)
+                   dry_run=dry_run, stack=stack, stack_mode=stack_mode)
   if dry_run:
     return rows
   for r in rows:

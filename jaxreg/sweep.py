@@ -208,7 +208,8 @@ def run(config: str | ml_collections.ConfigDict, *,
         devices_per_run: int = 0,
         side_by_side: bool = True,
         dry_run: bool = False,
-        print_fn: Callable[[str], None] = print) -> list[dict]:
+        print_fn: Callable[[str], None] = print,
+        stack: bool = False, stack_mode: str = "auto") -> list[dict]:
   """Runs a study's variants; returns one summary row per variant.
 
   Args:
@@ -225,10 +226,18 @@ def run(config: str | ml_collections.ConfigDict, *,
       worker processes, each seeing only its `devices_per_run` devices.
       False runs them one after another in this process.
     dry_run: print the variants and return without training.
+    stack: train variants that differ only in continuous hyperparameters or
+      the seed together, one group per set of them (jaxreg/stacked.py); the
+      others, and variants with a finished run or a single run's
+      checkpoints, run one by one as usual. Run directories are the same.
+    stack_mode: "auto", "vmap" or "loop" (see jaxreg/stacked.py).
   """
   if devices_per_run < 0:
     raise ValueError(f"devices_per_run={devices_per_run} must be >= 0 "
                      "(0: all devices for one run, one each in a sweep)")
+  if stack:
+    from jaxreg import stacked  # Imports JAX; keep dry runs light.
+    stacked.MODES.get(stack_mode)
   base, all_variants, path = resolve(config, overrides, sweep)
   todo = select(all_variants, variants) if variants else all_variants
   todo = shard(todo, num_shards, shard_index)
@@ -248,14 +257,28 @@ def run(config: str | ml_collections.ConfigDict, *,
       "variants": [dataclasses.asdict(v) for v in all_variants]})
   workers = _plan_workers(devices_per_run, len(todo)) if side_by_side else []
   if workers:
-    _run_workers(workers, path, base, overrides, sweep, todo, workdir)
+    _run_workers(workers, path, base, overrides, sweep, todo, workdir,
+                 stack=stack, stack_mode=stack_mode)
     return [r for r in write_table(workdir, all_variants)
             if r["variant"] in {v.name for v in todo}]
 
   failed_rows: dict[str, dict] = {}
   axes = _axes(all_variants)
-  for i, v in enumerate(todo, 1):
-    print_fn(f"[{i}/{len(todo)}] {v.name}")
+  groups = (_stack_groups(base, todo, workdir, devices_per_run) if stack
+            else [[v] for v in todo])
+  done_count = 0
+  for group in groups:
+    if len(group) > 1:
+      print_fn(f"[{done_count + 1}-{done_count + len(group)}/{len(todo)}] "
+               f"stacked: {', '.join(v.name for v in group)}")
+      done_count += len(group)
+      _run_stack(base, group, workdir, devices_per_run, stack_mode,
+                 failed_rows, axes)
+      write_table(workdir, all_variants, failed_rows)
+      continue
+    v = group[0]
+    done_count += 1
+    print_fn(f"[{done_count}/{len(todo)}] {v.name}")
     run_dir = workdir / v.name
     try:
       _run_one(base, v, run_dir, devices_per_run)
@@ -271,6 +294,75 @@ def run(config: str | ml_collections.ConfigDict, *,
   rows = write_table(workdir, all_variants, failed_rows)
   done = {v.name for v in todo}
   return [r for r in rows if r["variant"] in done]
+
+
+# --- Stacked groups (jaxreg/stacked.py) ---------------------------------------
+
+
+def _variant_config(base: ml_collections.ConfigDict, variant: Variant,
+                    num_devices: int) -> ml_collections.ConfigDict:
+  cfg = config_lib.apply_overrides(base, variant.overrides)
+  if num_devices:
+    cfg = config_lib.apply_overrides(cfg, {"train.num_devices": num_devices})
+  return cfg
+
+
+def _stack_groups(base: ml_collections.ConfigDict, todo: Sequence[Variant],
+                  workdir: Path, num_devices: int) -> list[list[Variant]]:
+  """`todo` in stackable groups, in order of first appearance. A variant
+  runs alone (as without stacking) when its config is invalid (so the error
+  is recorded as usual), its directory holds a completed or diverged run
+  (skipped or returned as usual) or a single run's checkpoints (resumed),
+  or nothing else stacks with it."""
+  from jaxreg import checkpoint, stacked, train
+  alone: list[Variant] = []
+  candidates: list[Variant] = []
+  configs = []
+  for v in todo:
+    run_dir = workdir / v.name
+    try:
+      cfg = _variant_config(base, v, num_devices)
+      config_lib.validate(cfg)
+      checkpoint.validate(cfg)
+    except Exception:  # pylint: disable=broad-except
+      alone.append(v)
+      continue
+    prior = _read_summary(run_dir) or {}
+    if (prior.get("status") in train.FINAL_STATUSES
+        or checkpoint.has_checkpoints(run_dir / train.CHECKPOINT_DIR)):
+      alone.append(v)
+      continue
+    candidates.append(v)
+    configs.append(cfg)
+  groups = [[candidates[i] for i in g]
+            for g in stacked.group_indices(configs)]
+  # Back in the study's order of first appearance.
+  order = {v.name: i for i, v in enumerate(todo)}
+  out = groups + [[v] for v in alone]
+  return sorted(out, key=lambda g: order[g[0].name])
+
+
+def _run_stack(base: ml_collections.ConfigDict, group: Sequence[Variant],
+               workdir: Path, num_devices: int, mode: str,
+               failed_rows: dict[str, dict], axes: Sequence[str]) -> None:
+  """Trains `group` together; a failure is recorded for every member whose
+  directory it did not reach, and the sweep goes on."""
+  from jaxreg import stacked
+  names = [v.name for v in group]
+  try:
+    stacked.train_group(
+        [_variant_config(base, v, num_devices) for v in group],
+        [workdir / n for n in names],
+        workdir / stacked.STACKS_DIR / stacked.group_id(names),
+        variants=names, overrides=[v.overrides for v in group], mode=mode)
+  except Exception as e:  # Recorded; the sweep goes on.
+    logging.exception("stacked group %s failed", ", ".join(names))
+    for v in group:
+      if isinstance(e, results.ConfigMismatch) or not (
+          workdir / v.name / "summary.json").exists():
+        failed_rows[v.name] = _row(v, {"status": "failed",
+                                       "error": f"{type(e).__name__}: {e}"},
+                                   axes)
 
 
 # --- Side by side on one machine --------------------------------------------
@@ -311,7 +403,8 @@ def _plan_workers(devices_per_run: int, num_variants: int) -> list[dict]:
 def _run_workers(workers: list[dict], path: str | None,
                  base: ml_collections.ConfigDict, overrides: dict | None,
                  sweep: Sequence[dict] | None, todo: Sequence[Variant],
-                 workdir: Path) -> None:
+                 workdir: Path, *, stack: bool = False,
+                 stack_mode: str = "auto") -> None:
   procs: list[subprocess.Popen] = []
   with _ForwardStop(procs) as stop:
     for w, group in enumerate(workers):
@@ -322,7 +415,8 @@ def _run_workers(workers: list[dict], path: str | None,
               "overrides": overrides or {},
               "sweep": list(sweep) if sweep else None,
               "variants": mine, "workdir": str(workdir),
-              "devices_per_run": group["num_devices"]}
+              "devices_per_run": group["num_devices"],
+              "stack": stack, "stack_mode": stack_mode}
       spec_path = workdir / f".worker-{w}.json"
       results.write_json(spec_path, spec)
       logging.info("worker %d on devices %s: %d variants", w,
@@ -384,7 +478,9 @@ def _worker_main(spec_path: str) -> int:
   logging.set_verbosity(logging.INFO)
   run(config, workdir=spec["workdir"], overrides=spec["overrides"],
       sweep=spec["sweep"], variants=spec["variants"],
-      devices_per_run=spec["devices_per_run"], side_by_side=False)
+      devices_per_run=spec["devices_per_run"], side_by_side=False,
+      stack=spec.get("stack", False),
+      stack_mode=spec.get("stack_mode", "auto"))
   return 0
 
 
