@@ -23,7 +23,8 @@ def get_config(arg=None):
   c.train.epochs = 20
   c.target_accuracy = 0.99
   if "smoke" in config_lib.parse_args(arg, ARGS, __file__):
-    c.dataset.train_size = 4096
+    # 8192 images x 2 epochs: 93-96% over seeds 0-3 (4096 gave 83-92%).
+    c.dataset.train_size = 8192
     c.train.epochs = 2
   return c
 

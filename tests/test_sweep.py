@@ -162,6 +162,13 @@ _SIDE = textwrap.dedent("""
     c.dataset.test_size = 200
     c.train.batch_size = 64
     c.train.epochs = 1
+    # XLA's defaults and nn.Conv: with the YNN fusions of
+    # train.XLA_CPU_OPTIONS, or the dots of conv_impl="auto", the numbers
+    # depend on how many host devices the process started with (this
+    # 8-device process vs a 1-device worker: test losses differ by 1e-8 to
+    # 1e-5 relative; README, "Checkpoints, resume, failures").
+    c.train.xla_cpu_tuning = False
+    c.model.conv_impl = "xla"
     variants = [{"model.norm": n} for n in ("batch", "layer", "none")]
     a = sweep.run(c, sweep=variants, workdir=sys.argv[1] + "/side", devices_per_run=1)
     b = sweep.run(c, sweep=variants, workdir=sys.argv[1] + "/seq", devices_per_run=1, side_by_side=False)

@@ -44,6 +44,7 @@ def test_smoke_run_writes_the_run_directory(tmp_path, mnist_manual_dir):
   summary = json.loads((tmp_path / "summary.json").read_text())
   assert summary["status"] == "completed"
   assert summary["epochs_completed"] == 2
+  # Chance is 10%; two epochs on 8192 images measured 93-96% over seeds 0-3.
   assert summary["test_accuracy"] >= 0.90
   assert summary["compile_time_s"] > 0 and summary["train_time_s"] > 0
   assert np.asarray(summary["test_confusion"]).sum() == 10000
@@ -55,7 +56,7 @@ def test_smoke_run_writes_the_run_directory(tmp_path, mnist_manual_dir):
   env = json.loads((tmp_path / "env.json").read_text())
   assert env["backend"] == "cpu" and env["jax"] == jax.__version__
   config = json.loads((tmp_path / "config.json").read_text())
-  assert config["model"]["norm"] == "batch" and config["dataset"]["train_size"] == 4096
+  assert config["model"]["norm"] == "batch" and config["dataset"]["train_size"] == 8192
   wrong = np.load(tmp_path / "misclassified.npz")
   assert len(wrong["labels"]) == 10 and np.all(wrong["labels"] != wrong["preds"])
   # Progress lines reach the user.
