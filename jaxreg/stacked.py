@@ -664,6 +664,8 @@ def _run_group(configs: Sequence[ml_collections.ConfigDict],
           raise checkpoint.Interrupted(stop.signum, first + i)
         states, m = engine.step(states, perms, i, rng_arg, active)
         step_metrics.append(m)
+        if trainer.sync_steps:  # See train._Trainer.sync_steps.
+          jax.block_until_ready(states)
         if time.perf_counter() - last_log > t.log_every_s > 0:
           jax.block_until_ready(m)
           logging.info("stacked epoch %d/%d: step %d/%d", epoch, t.epochs,

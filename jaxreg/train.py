@@ -317,6 +317,12 @@ class _Trainer:
     self.platform = mesh.devices.flat[0].platform
     (self.rng_impl, self.compute_dtype, self.scan_epoch,
      self.compiler_options) = speed_options(t, self.platform, n_dev)
+    # XLA:CPU runs every host device's share of a step on one shared thread
+    # pool; with several steps in flight, a device can wait in a collective
+    # for a peer whose share is queued behind it, and XLA aborts after 40 s
+    # (seen with 2 host devices and 128-step epochs). On CPU with several
+    # devices, each step finishes before the next is dispatched.
+    self.sync_steps = self.platform == "cpu" and n_dev > 1
     self.repl = NamedSharding(mesh, P())
     self.data_sharding = NamedSharding(mesh, P("data"))
     self.model = models.build_model(config.model, ds.num_classes)
@@ -498,6 +504,8 @@ class _Trainer:
       state, m = self._train_compiled(state, self.train_images,
                                       self.train_labels, perm, np.int32(i), rng)
       step_metrics.append(m)
+      if self.sync_steps:
+        jax.block_until_ready(state)
       if log is not None and time.perf_counter() - last_log > \
           self.config.train.log_every_s > 0:
         jax.block_until_ready(m)
