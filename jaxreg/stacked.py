@@ -726,8 +726,9 @@ def _run_group(configs: Sequence[ml_collections.ConfigDict],
       if not fulls[j]:  # Resumed from the final checkpoint.
         final = final or engine.eval_full(states, active)
         fulls[j] = final[j]
-      _finish(configs[j], ds, run_dirs[j], summaries[j], histories[j],
-              fulls[j], pos.train_time_s, images_per_epoch)
+      train.finish_summary(configs[j], ds, run_dirs[j], summaries[j],
+                           histories[j], fulls[j], pos.train_time_s,
+                           images_per_epoch)
       active[j] = False
       write(j)
 
@@ -756,27 +757,3 @@ def _shared_meta(pos: checkpoint.Position) -> dict:
   m = pos.to_meta()
   m["history"], m["step_metrics"] = [], {}
   return m
-
-
-def _finish(config: ml_collections.ConfigDict, ds: data_lib.Dataset,
-            run_dir: Path, summary: dict, history: list[dict], full: dict,
-            train_time: float, images_per_epoch: int) -> None:
-  """A completed member's summary and misclassified.npz, as train.py's."""
-  last = history[-1]
-  summary.update(
-      status="completed",
-      train_loss=last["train_loss"], train_accuracy=last["train_accuracy"],
-      train_time_s=train_time,
-      images_per_s=images_per_epoch * len(history) / train_time)
-  for split, m in full.items():
-    for key in ("loss", "accuracy", "micro_f1", "macro_f1"):
-      summary[f"{split}_{key}"] = float(m[key])
-    summary[f"{split}_per_class_accuracy"] = m["per_class_accuracy"]
-    summary[f"{split}_confusion"] = m["confusion"]
-  if config.target_accuracy is not None:
-    tta_s, tta_epochs = metrics_lib.time_to_target(history,
-                                                   config.target_accuracy)
-    summary.update(time_to_target_s=tta_s, epochs_to_target=tta_epochs)
-  if "test" in full:
-    train._save_misclassified(run_dir / "misclassified.npz", ds,  # pylint: disable=protected-access
-                              full["test"]["preds"])

@@ -742,8 +742,18 @@ def _run(config: ml_collections.ConfigDict, workdir: Path, summary: dict,
 
   if not full:  # Resumed from the final checkpoint: evaluate it again.
     _, full = trainer.eval_metrics(state)
+  finish_summary(config, ds, workdir, summary, history, full,
+                 pos.train_time_s, images_per_epoch)
+
+
+def finish_summary(config: ml_collections.ConfigDict, ds: data_lib.Dataset,
+                   run_dir: Path, summary: dict, history: list[dict],
+                   full: dict, train_time: float,
+                   images_per_epoch: int) -> None:
+  """Fills a completed run's `summary` (final metrics per split, time to
+  target) and writes its misclassified.npz; shared by single runs and
+  stacked members."""
   last = history[-1]
-  train_time = pos.train_time_s
   summary.update(
       status="completed",
       train_loss=last["train_loss"], train_accuracy=last["train_accuracy"],
@@ -759,7 +769,8 @@ def _run(config: ml_collections.ConfigDict, workdir: Path, summary: dict,
                                                    config.target_accuracy)
     summary.update(time_to_target_s=tta_s, epochs_to_target=tta_epochs)
   if "test" in full:
-    _save_misclassified(workdir / "misclassified.npz", ds, full["test"]["preds"])
+    _save_misclassified(run_dir / "misclassified.npz", ds,
+                        full["test"]["preds"])
 
 
 def _save_misclassified(path: Path, ds: data_lib.Dataset, preds: np.ndarray,
