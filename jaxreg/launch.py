@@ -7,6 +7,7 @@ from pathlib import Path
 import jax
 from absl import logging
 
+from jaxreg import hostmem
 from jaxreg import sweep
 
 
@@ -41,6 +42,7 @@ def main(config_path: str, *, overrides: dict | None = None,
   if shard_index is None:
     shard_index = default_shard_index()
   if not dry_run:
+    hostmem.tune()  # Before JAX starts its CPU backend.
     logging.set_verbosity(logging.INFO)
     enable_compilation_cache()
     if distributed:

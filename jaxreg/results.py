@@ -121,6 +121,9 @@ def environment() -> dict:
   import jax
   import jaxlib
   import optax
+
+  from jaxreg import hostmem
+  host_tuning = hostmem.tune()  # Before jax.devices() starts the backend.
   devices = jax.devices()
   return {
       "python": platform.python_version(),
@@ -133,6 +136,7 @@ def environment() -> dict:
       "device_kind": devices[0].device_kind,
       "device_count": jax.device_count(),
       "process_count": jax.process_count(),
+      "host_tuning": host_tuning,
       "git_revision": git_revision(),
       "hostname": socket.gethostname(),
       "platform": platform.platform(),

@@ -246,6 +246,8 @@ def run(config: str | ml_collections.ConfigDict, *,
       print_fn(f"{v.name}  {json.dumps(v.overrides)}")
     print_fn(f"{len(todo)} variants")
     return [_row(v, None, _axes(all_variants)) for v in todo]
+  from jaxreg import hostmem  # Before the first JAX computation.
+  hostmem.tune()
   workdir = Path(workdir)
   if _is_single(all_variants):
     return [_row(all_variants[0],

@@ -19,6 +19,12 @@ os.environ.setdefault("JAXREG_COMPILATION_CACHE",
 # Quiet TensorFlow's start-up chatter during preparation.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
+# As launch.py does, before any test starts JAX's CPU backend: the tests run
+# the settings users get (jaxreg/hostmem.py), and faster.
+from jaxreg import hostmem  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+hostmem.tune()
+
 
 @pytest.fixture(scope="session")
 def mnist_manual_dir() -> str:
