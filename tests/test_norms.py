@@ -443,3 +443,55 @@ def test_norm_kwargs_config():
   assert norms.make_norm_from_config(
       "batch", {"momentum": 0.8, "epsilon": None}).keywords == {
           "momentum": 0.8}
+
+
+# ----------------------------------------------------------------- gradients
+
+
+def _numeric_grad(f, x, h=1e-5):
+  """Central differences of the float64 function f at x, element by
+  element."""
+  x = np.array(x, np.float64)
+  g = np.zeros_like(x)
+  flat, gf = x.reshape(-1), g.reshape(-1)
+  for i in range(flat.size):
+    old = flat[i]
+    flat[i] = old + h
+    up = f(x)
+    flat[i] = old - h
+    down = f(x)
+    flat[i] = old
+    gf[i] = (up - down) / (2 * h)
+  return g
+
+
+@pytest.mark.parametrize("name,kw,shape", [
+    ("batch", {}, (8, 3, 3, 4)), ("batch", {}, (8, 6)),
+    ("batch", {"virtual_batch_size": 2, "epsilon": 1e-3}, (8, 3, 3, 4)),
+    ("batch", {"virtual_batch_size": 2, "epsilon": 1e-3}, (8, 6)),
+    ("batch_instance", {"virtual_batch_size": 4}, (8, 3, 3, 4))])
+def test_train_gradients_match_float64_finite_differences(name, kw, shape):
+  x = _input(shape, 11)
+  module, v = _build(name, kw, x, seed=12)
+  w = np.random.default_rng(13).standard_normal(shape)
+
+  def loss(params, x):
+    y, _ = module.apply({**v, "params": params}, x, train=True,
+                        mutable=["batch_stats"])
+    return jnp.sum(jnp.asarray(w, jnp.float32) * y)
+
+  g_params, g_x = jax.grad(loss, argnums=(0, 1))(v["params"], jnp.asarray(x))
+
+  def ref_loss(x, params):
+    y, _ = reference(name, kw, x, {**v, "params": params}, train=True)
+    return float(np.sum(w * y))
+
+  p64 = {k: np.asarray(a, np.float64) for k, a in v["params"].items()}
+  want_x = _numeric_grad(lambda xx: ref_loss(xx, p64), x)
+  assert rel_err(g_x, want_x) < 1e-4
+  for k in p64:
+    want = _numeric_grad(
+        lambda pk, k=k: ref_loss(np.asarray(x, np.float64), {**p64, k: pk}),
+        p64[k])
+    assert rel_err(g_params[k], want) < 1e-4, k
+
