@@ -28,6 +28,11 @@ from jaxreg import config as config_lib  # pylint: disable=g-import-not-at-top
 from jaxreg import data as data_lib  # pylint: disable=g-import-not-at-top
 from jaxreg import models  # pylint: disable=g-import-not-at-top
 from jaxreg import train  # pylint: disable=g-import-not-at-top
+from jaxreg import hostmem  # pylint: disable=g-import-not-at-top
+
+# What launch.py does before JAX starts its backend (jaxreg/hostmem.py), so
+# benchmarks time what users get; JAXREG_HOST_TUNING=0 leaves the defaults.
+HOST_TUNING = hostmem.tune()
 
 
 def load_avg() -> float:
@@ -79,7 +84,7 @@ def environment() -> str:
   import platform
   return (f"jax {jax.__version__}, backend {jax.default_backend()}, "
           f"{os.cpu_count()} CPUs ({platform.processor() or platform.machine()})"
-          f", python {platform.python_version()}")
+          f", python {platform.python_version()}; host settings {HOST_TUNING}")
 
 
 def synthetic_dataset(image_shape: tuple[int, int, int], num_classes: int,

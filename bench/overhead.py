@@ -8,7 +8,9 @@ XLA:CPU options), so their difference is what the framework adds: the
 optimizer chain built from the config, augmentation and metrics plumbing,
 the Python epoch loop. A third loop, "bare (JAX defaults)", is the same
 hand-written loop with threefry2x32 dropout keys and XLA's default options:
-what the speed work in train.py buys over a naive loop.
+what the speed work in train.py buys over a naive loop. All three run in
+this one process with jaxreg's host settings (jaxreg/hostmem.py, printed
+first; bench/mnist_epoch.py times the S3 epoch with and without them).
 
 Printed per model: images/s of each loop (median over rounds that run the
 loops in turn, so they share the machine's load), the overhead (median over

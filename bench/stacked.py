@@ -118,6 +118,8 @@ def main(argv):
   del argv
   os.environ.setdefault("JAXREG_MANUAL_DIR",
                         str(ROOT.parent / "shared" / "datasets"))
+  from jaxreg import hostmem
+  host = hostmem.tune()  # As launch.py, before JAX starts its backend.
   import jax
   from absl import logging
   logging.set_verbosity(logging.WARNING)
@@ -130,7 +132,8 @@ def main(argv):
   print(f"device: {jax.devices()[0].device_kind} ({jax.default_backend()}), "
         f"{os.cpu_count()} CPUs; K={_K.value} S3 variants, "
         f"{_TRAIN_SIZE.value or 60000} train / {_TEST_SIZE.value or 10000} "
-        f"test images, {_EPOCHS.value} epochs, median of {_REPEATS.value}")
+        f"test images, {_EPOCHS.value} epochs, median of {_REPEATS.value}; "
+        f"host settings {host}")
   kinds = ["sequential"] + [f"stacked-{m}" for m in _MODES.value]
   runs: dict[str, list[dict]] = {k: [] for k in kinds}
   for rep in range(_REPEATS.value):
