@@ -19,8 +19,9 @@ kernel, and a step of 70 ms instead of 38 ms.
     worker thread whose glibc arena cannot hold a block over 64 MB (its
     heaps are 64 MB), so the threshold alone does not help them. This must
     be set before JAX creates its CPU backend: `launch.py` calls `tune()`
-    first thing, `train.run` calls it too (which works if the script has
-    not run a JAX computation yet). Computations over several devices are
+    first thing; `sweep.run` and `train.train_and_evaluate` (through
+    `results.environment`) call it too, which works if the script has not
+    run a JAX computation yet. Computations over several devices are
     dispatched asynchronously either way.
 
 Neither setting changes a computed number. Set `JAXREG_HOST_TUNING=0` in the
