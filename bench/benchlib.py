@@ -8,6 +8,7 @@ is not comparable with one taken on an idle machine.
 from __future__ import annotations
 
 import os
+import resource
 import statistics
 import sys
 import time
@@ -209,14 +210,15 @@ class TrainerLoop:
 def time_epochs(loops: dict[str, Any], repeats: int, *,
                 between: Callable[[], None] | None = None
                 ) -> tuple[dict[str, float], dict[str, float],
-                           dict[str, list[float]]]:
+                           dict[str, list[float]], dict[str, list[int]]]:
   """Compiles each loop and times its first epoch, then runs `repeats`
   rounds in which every loop runs one epoch in turn (so all see the same
   load).
 
   Returns ({name: compile seconds}, {name: first-epoch seconds}, {name:
-  [steady epoch seconds per round]}). Each epoch ends with the loss on the
-  host, so the time is the device's.
+  [steady epoch seconds per round]}, {name: [the process's minor page faults
+  in each steady epoch]}). Each epoch ends with the loss on the host, so the
+  time is the device's.
   """
   key = jax.random.key(1)
   states, compile_s, first_s = {}, {}, {}
@@ -229,11 +231,18 @@ def time_epochs(loops: dict[str, Any], repeats: int, *,
     states[name], _ = loop.epoch(state, 1, key)
     first_s[name] = time.perf_counter() - t0
   times = {name: [] for name in loops}
+  faults = {name: [] for name in loops}
   for r in range(repeats):
     for name, loop in loops.items():
       if between is not None:
         between()
+      f0 = _minor_faults()
       t0 = time.perf_counter()
       states[name], _ = loop.epoch(states[name], r + 2, key)
       times[name].append(time.perf_counter() - t0)
-  return compile_s, first_s, times
+      faults[name].append(_minor_faults() - f0)
+  return compile_s, first_s, times, faults
+
+
+def _minor_faults() -> int:
+  return resource.getrusage(resource.RUSAGE_SELF).ru_minflt

@@ -23,9 +23,10 @@ Every round starts one process per loop in turn (so all see similar machine
 load); a process compiles (timed apart), runs a first epoch, then
 --steady_epochs steady epochs. Reported: the median of each loop's steady
 epochs over all rounds, the minor page faults per step, and jaxreg / PyTorch
-as the median of per-round ratios. A second table, in one more process with jaxreg's
-settings, compares an epoch as one compiled lax.scan (train.scan_epoch)
-with the Python loop over a jitted step on the first --scan_steps steps.
+as the median of per-round ratios. A second table, in one more process with
+jaxreg's settings, compares an epoch as one compiled lax.scan
+(train.scan_epoch) with the Python loop over a jitted step on the first
+--scan_steps steps, the two run in turn.
 
 Usage:
   JAXREG_MANUAL_DIR=../shared/datasets python bench/mnist_epoch.py
@@ -35,10 +36,8 @@ from __future__ import annotations
 
 import json
 import os
-import resource
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 from absl import app
@@ -88,35 +87,25 @@ def _config(overrides=()):
   return config
 
 
-def _faults() -> int:
-  return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-
-
-def _time_loop(loop, epochs: int) -> dict:
-  import jax  # pylint: disable=g-import-not-at-top
-  key = jax.random.key(1)
-  state = loop.init_state()
-  compile_s = loop.compile(state, key)
-  t0 = time.perf_counter()
-  state, _ = loop.epoch(state, 1, key)
-  first = time.perf_counter() - t0
-  steady, f0 = [], _faults()
-  for e in range(epochs):
-    t0 = time.perf_counter()
-    state, _ = loop.epoch(state, e + 2, key)
-    steady.append(time.perf_counter() - t0)
-  return {"compile_s": compile_s, "first_s": first, "steady_s": steady,
-          "faults_per_step": (_faults() - f0) / (epochs * loop.steps_per_epoch),
-          "images": loop.steps_per_epoch * loop.batch_size}
+def _timed(loops: dict, epochs: int) -> dict:
+  """benchlib.time_epochs of `loops` as {name: JSON-able result}."""
+  compile_s, first_s, times, faults = benchlib.time_epochs(loops, epochs)
+  return {name: {"compile_s": compile_s[name], "first_s": first_s[name],
+                 "steady_s": times[name],
+                 "faults_per_step": sum(faults[name]) / (
+                     epochs * loop.steps_per_epoch),
+                 "images": loop.steps_per_epoch * loop.batch_size}
+          for name, loop in loops.items()}
 
 
 def _child(name: str) -> dict:
-  tuning = hostmem.tune()  # Reads JAXREG_HOST_TUNING, set by the parent.
   from jaxreg import data as data_lib  # pylint: disable=g-import-not-at-top
   config = _config(_OVERRIDES.value if name.startswith("jaxreg")
                    or name == "scan" else ())
   ds = data_lib.load(config.dataset)
-  out = {"host_tuning": tuning}
+  # benchlib applied hostmem.tune() on import, reading JAXREG_HOST_TUNING
+  # as the parent set it for this loop.
+  out = {"host_tuning": benchlib.HOST_TUNING}
   if name.startswith("jaxreg"):
     loop = benchlib.TrainerLoop(config, ds)
     t = loop.trainer
@@ -135,7 +124,7 @@ def _child(name: str) -> dict:
     return {**out, **_scan(config, ds)}
   else:
     raise ValueError(f"unknown loop {name!r}; valid: {', '.join(LOOPS)}")
-  out.update(_time_loop(loop, _EPOCHS.value))
+  out.update(_timed({name: loop}, _EPOCHS.value)[name])
   return out
 
 
@@ -145,12 +134,10 @@ def _scan(config, ds) -> dict:
   sub = data_lib.Dataset(**{**ds.__dict__,
                             "train_images": ds.train_images[:n],
                             "train_labels": ds.train_labels[:n]})
-  res = {}
-  for name, scan in (("Python loop", False), ("lax.scan", True)):
-    loop = benchlib.TrainerLoop(
-        config_lib.apply_overrides(config, {"train.scan_epoch": scan}), sub)
-    res[name] = _time_loop(loop, max(_EPOCHS.value, 2))
-  return {"scan": res}
+  loops = {name: benchlib.TrainerLoop(
+      config_lib.apply_overrides(config, {"train.scan_epoch": scan}), sub)
+           for name, scan in (("Python loop", False), ("lax.scan", True))}
+  return {"scan": _timed(loops, max(_EPOCHS.value, 2))}
 
 
 def _run_child(name: str) -> dict:

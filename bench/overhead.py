@@ -88,7 +88,7 @@ def main(argv):
     if _NAIVE.value:
       loops["naive"] = benchlib.BareLoop(config, ds, None, {})
     load0 = benchlib.wait_for_quiet(_MAX_LOAD.value, _WAIT_S.value)
-    compile_s, _, times = benchlib.time_epochs(loops, _REPEATS.value)
+    compile_s, _, times, _ = benchlib.time_epochs(loops, _REPEATS.value)
     load1 = benchlib.load_avg()
     ips = {k: steps * batch / benchlib.median(v) for k, v in times.items()}
     overhead = benchlib.median(
