@@ -27,7 +27,9 @@ import optax  # pylint: disable=g-import-not-at-top
 
 from jaxreg import config as config_lib  # pylint: disable=g-import-not-at-top
 from jaxreg import data as data_lib  # pylint: disable=g-import-not-at-top
+from jaxreg import engine as engine_lib  # pylint: disable=g-import-not-at-top
 from jaxreg import models  # pylint: disable=g-import-not-at-top
+from jaxreg import steps as steps_lib  # pylint: disable=g-import-not-at-top
 from jaxreg import train  # pylint: disable=g-import-not-at-top
 from jaxreg import hostmem  # pylint: disable=g-import-not-at-top
 
@@ -119,7 +121,7 @@ class BareLoop:
   inside the step, dropout from a key folded with the step), plain
   optax.sgd with momentum at a constant learning rate, and the mean loss
   fetched once per epoch. `rng_impl` and `compiler_options` are the
-  trainer's resolved speed options (train.speed_options) or JAX's defaults
+  trainer's resolved speed options (steps.speed_options) or JAX's defaults
   (None, {}).
   """
 
@@ -142,7 +144,7 @@ class BareLoop:
       idx = jax.lax.dynamic_slice_in_dim(perm, i * bs, bs)
       x = (images[idx].astype(jnp.float32) / 255.0 - mean) / std
       y = labels[idx]
-      dropout_key = train.step_key(jax.random.fold_in(key, i), rng_impl)
+      dropout_key = steps_lib.step_key(jax.random.fold_in(key, i), rng_impl)
 
       def loss_fn(params):
         variables = {"params": params}
@@ -189,22 +191,30 @@ class BareLoop:
 
 
 class TrainerLoop:
-  """The framework's own epoch: train._Trainer.train_epoch + epoch_totals."""
+  """The framework's own epoch: train.run_epoch over a one-member engine,
+  then the engine's epoch totals (what train.run does each epoch, without
+  its files)."""
 
   def __init__(self, config: ml_collections.ConfigDict, ds: data_lib.Dataset):
-    self.trainer = train._Trainer(config, ds, train.make_mesh(1))  # pylint: disable=protected-access
-    self.steps_per_epoch = self.trainer.steps_per_epoch
-    self.batch_size = self.trainer.batch_size
+    self.engine = engine_lib.build(config, ds, steps_lib.make_mesh(1))
+    self.epochs = config.train.epochs
+    self.steps_per_epoch = self.engine.steps.steps_per_epoch
+    self.batch_size = self.engine.steps.batch_size
 
   def init_state(self, seed: int = 0):
-    return self.trainer.init_state(jax.random.key(seed))
+    # The train rng is the one time_epochs passes to compile().
+    return self.engine.steps.init_state(jax.random.key(seed))
 
   def compile(self, state, key) -> float:
-    return self.trainer.compile(state, key)
+    self.engine.rngs = [key]
+    return self.engine.compile([state])
 
   def epoch(self, state, epoch: int, key):
-    state, step_metrics, _ = self.trainer.train_epoch(state, epoch, key)
-    return state, self.trainer.epoch_totals(step_metrics)["train_loss"]
+    del key  # The engine's train rng (set in compile).
+    states, step_metrics, _ = train.run_epoch(self.engine, [state], epoch,
+                                              self.epochs)
+    totals = self.engine.epoch_totals(step_metrics, [True])[0]
+    return states[0], totals["train_loss"]
 
 
 def time_epochs(loops: dict[str, Any], repeats: int, *,

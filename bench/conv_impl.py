@@ -10,7 +10,7 @@ Prints two tables, with the 1-minute load average:
      0.05 with threefry4x32, BatchNorm) in ms for nn.Conv everywhere, the
      "auto" rule (fastconv.use_slice_conv: SliceConv for 1x1 and Cin = 1),
      SliceConv everywhere, and the PyTorch twin (bench/torch_mnist.py).
-JAX variants are compiled with train.XLA_CPU_OPTIONS and timed interleaved
+JAX variants are compiled with steps.XLA_CPU_OPTIONS and timed interleaved
 (every variant runs `steps` steps in turn, each round), median over rounds.
 """
 from __future__ import annotations
@@ -29,10 +29,10 @@ import optax
 from jaxreg import fastconv  # pylint: disable=g-import-not-at-top
 from jaxreg import models  # pylint: disable=g-import-not-at-top
 from jaxreg import norms  # pylint: disable=g-import-not-at-top
-from jaxreg import train  # pylint: disable=g-import-not-at-top
+from jaxreg import steps as steps_lib  # pylint: disable=g-import-not-at-top
 
 BATCH = 128
-OPTS = train.XLA_CPU_OPTIONS
+OPTS = steps_lib.XLA_CPU_OPTIONS
 
 
 def _time(fn: Callable[[], Any], reps: int) -> float:
@@ -132,7 +132,7 @@ class _Net(nn.Module):
         x = nn.max_pool(x, (2, 2), strides=(2, 2))
         continue
       x = nn.relu(conv(f, (3, 3), pad, f"conv{tag}")(x))
-      x = models._dropout(self.dropout, x, train, f"drop{tag}")  # pylint: disable=protected-access
+      x = models.layers.dropout(self.dropout, x, train, f"drop{tag}")
       x = self.norm(name=f"norm{tag}")(x, train=train)
     return nn.Dense(self.num_classes, name="classifier")(x.mean((1, 2)))
 
@@ -143,7 +143,7 @@ def _jax_step(model, images, labels, tx):
     x = jax.lax.dynamic_slice_in_dim(images, i * BATCH, BATCH)
     x = (x.astype(jnp.float32) / 255.0 - 0.13) / 0.31
     y = jax.lax.dynamic_slice_in_dim(labels, i * BATCH, BATCH)
-    k = train.step_key(jax.random.fold_in(key, i), "threefry4x32")
+    k = steps_lib.step_key(jax.random.fold_in(key, i), "threefry4x32")
 
     def loss_fn(p):
       logits, upd = model.apply(

@@ -6,7 +6,7 @@ Python process, because jaxreg's host settings (jaxreg/hostmem.py: glibc
 malloc thresholds, CPU steps on the calling thread) are process-wide and
 would speed up PyTorch too:
 
-  jaxreg                 train._Trainer.train_epoch + epoch_totals, the
+  jaxreg                 train.run_epoch + the engine's epoch totals, the
                          run's own loop, with what launch.py applies;
   jaxreg, host defaults  the same with JAXREG_HOST_TUNING=0 (glibc's and
                          JAX's defaults);

@@ -1,6 +1,6 @@
 """Benchmark: framework overhead against a bare jitted Flax loop, per model.
 
-For each model, the trainer's own epoch (train._Trainer.train_epoch, then
+For each model, the trainer's own epoch (train.run_epoch, then
 epoch_totals) and a hand-written jitted loop of the same model, batch and
 data path (bench/benchlib.BareLoop) train on random images of the model's
 input shape. Both use the trainer's resolved speed options (step PRNG and
@@ -33,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import benchlib  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 from jaxreg import config as config_lib  # pylint: disable=g-import-not-at-top,wrong-import-position
-from jaxreg import train  # pylint: disable=g-import-not-at-top,wrong-import-position
+from jaxreg import steps as steps_lib  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 # name -> (input shape, batch, steps per timed epoch, config overrides). The
 # S3 row is configs/mnist.py itself; the CIFAR models use small batches and
@@ -81,8 +81,8 @@ def main(argv):
     batch = config.train.batch_size
     ds = benchlib.synthetic_dataset(shape, 10, steps * batch)
     t = config.train
-    rng_impl, _, _, options = train.speed_options(
-        t, benchlib.jax.devices()[0].platform)
+    speed = steps_lib.speed_options(t, benchlib.jax.devices()[0].platform)
+    rng_impl, options = speed.rng_impl, speed.compiler_options
     loops = {"trainer": benchlib.TrainerLoop(config, ds),
              "bare": benchlib.BareLoop(config, ds, rng_impl, options)}
     if _NAIVE.value:

@@ -110,3 +110,11 @@ def get_sweep(arg: str | None = None) -> list[dict]:
             if (v["model.dropout_layers"], v["optimizer.agc_clip"],
                 v["train.batch_size"]) in SMOKE_PICKS]
   return grid
+
+
+def get_report(arg: str | None = None) -> dict:
+  """The report's heatmaps: batch x clip value (S2's findings are about
+  both), one row per dropout_layers. The `full` runs vary neither, so they
+  draw none."""
+  config_lib.parse_args(arg, ARGS, __file__)
+  return {"heatmaps": [["train.batch_size", "optimizer.agc_clip"]]}

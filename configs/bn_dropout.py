@@ -118,3 +118,9 @@ def get_sweep(arg: str | None = None) -> list[dict]:
             if (v["model.norm_layers"], v["model.dropout_layers"],
                 v["model.dropout"], v["train.batch_size"]) in SMOKE_PICKS]
   return grid
+
+
+def get_report(arg: str | None = None) -> dict:
+  """The report's heatmaps: S1's norm_layers x dropout_layers grid."""
+  config_lib.parse_args(arg, ARGS, __file__)
+  return {"heatmaps": [["model.norm_layers", "model.dropout_layers"]]}

@@ -47,23 +47,6 @@ META_VERSION = 1
 _STATE, _META = "state", "meta"
 
 
-def validate(config: ml_collections.ConfigDict) -> None:
-  """Refuses impossible `config.checkpoint` settings before any work."""
-  c = config.checkpoint
-  if not isinstance(c.every_epochs, int) or c.every_epochs < 0:
-    raise ValueError(
-        f"config.checkpoint.every_epochs={c.every_epochs!r} must be an integer "
-        ">= 0 (0 = only at the end)")
-  if not isinstance(c.keep, int) or c.keep < 1:
-    raise ValueError(f"config.checkpoint.keep={c.keep!r} must be an integer "
-                     ">= 1: resuming needs the latest checkpoint")
-  if c.keep_best and not config.dataset.val_fraction > 0:
-    raise ValueError(
-        "config.checkpoint.keep_best=True ranks checkpoints by validation "
-        "accuracy, but there is no validation split: set "
-        "config.dataset.val_fraction (e.g. 0.1) or keep_best=False")
-
-
 def should_save(epoch: int, epochs: int, every_epochs: int) -> bool:
   """Whether the end of `epoch` (1-based) is a checkpoint; the last always is."""
   return epoch == epochs or (every_epochs > 0 and epoch % every_epochs == 0)
@@ -353,24 +336,33 @@ class StopSignals:
 
 @dataclasses.dataclass
 class Position:
-  """Where a run stands; what `meta` stores besides the fingerprint."""
+  """Where a run of K members stands; what `meta` stores besides the
+  fingerprint. A single run is K = 1."""
   epoch: int = 1  # The epoch to run next or in progress (1-based).
   step_in_epoch: int = 0  # Steps of `epoch` already done.
   train_time_s: float = 0.0  # Completed epochs, excluding compilation.
   epoch_time_s: float = 0.0  # Spent so far in the in-progress epoch.
   compile_time_s: float = 0.0  # Summed over the sessions so far.
   sessions: int = 0  # How many processes have trained this run.
-  history: list = dataclasses.field(default_factory=list)
-  step_metrics: list = dataclasses.field(default_factory=list)
+  # Per member: metrics.jsonl rows so far, and the per-step train metrics
+  # of the in-progress epoch (empty for a member that stopped training).
+  histories: list = dataclasses.field(default_factory=list)
+  member_step_metrics: list = dataclasses.field(default_factory=list)
 
   def to_meta(self) -> dict:
     d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
-    d["step_metrics"] = encode_step_metrics(self.step_metrics)
+    d["member_step_metrics"] = [encode_step_metrics(m)
+                                for m in self.member_step_metrics]
     return d
 
   @classmethod
   def from_meta(cls, meta: dict) -> Position:
     fields = {f.name for f in dataclasses.fields(cls)}
     d = {k: v for k, v in meta.items() if k in fields}
-    d["step_metrics"] = decode_step_metrics(meta.get("step_metrics") or {})
+    if "histories" not in meta and "history" in meta:
+      # A single run's checkpoint written before runs became groups of one.
+      d["histories"] = [meta["history"]]
+      d["member_step_metrics"] = [meta.get("step_metrics") or {}]
+    d["member_step_metrics"] = [decode_step_metrics(e or {})
+                                for e in d.get("member_step_metrics", [])]
     return cls(**d)

@@ -1,8 +1,11 @@
-"""The config: one ConfigDict composed from each stage's own section.
+"""The config: one ConfigDict with a section per stage, and sweep helpers.
 
 Study files in configs/ start from `base_config()` and change what their
 study fixes. Every option a user may set exists here with a default, so a
 locked config refuses a misspelled key (`--config.optimizer.lr2=...`).
+Plain data only: this module imports no JAX, so planning a sweep (a dry
+run, a scheduler's array size) never starts a backend. The checks that
+need the stages live in validation.py.
 """
 from __future__ import annotations
 
@@ -19,16 +22,169 @@ import ml_collections
 from ml_collections import config_dict
 
 
+# Parameter paths that weight decay and L1 apply to by default: conv and
+# dense kernels, not norm scales, biases or gates.
+KERNEL_REGEX = r"(^|/)kernel$"
+
+# Test-time views for config.train.tta (augment.tta_logits draws them).
+TTA_MODES = ("", "flip", "flip_translate")
+
+
+def dataset_config() -> ml_collections.ConfigDict:
+  """config.dataset (data.py)."""
+  return ml_collections.ConfigDict(dict(
+      name="mnist",
+      # None: TFDS's own default, which honours $TFDS_DATA_DIR.
+      data_dir=config_dict.placeholder(str),
+      # None: $JAXREG_MANUAL_DIR/<name> when that directory exists.
+      manual_dir=config_dict.placeholder(str),
+      # Fraction of the training split held out for validation.
+      val_fraction=0.0,
+      split_seed=0,
+      # Keep only the first N examples (after the seeded shuffle); 0 = all.
+      # For smoke runs and tests.
+      train_size=0,
+      test_size=0,
+  ))
+
+
+def norm_kwargs_config() -> ml_collections.ConfigDict:
+  """`config.model.norm_kwargs`: every option of every norm, unset (None).
+
+  Only the options that are set are passed to the chosen norm (norms.py), so
+  a study may set e.g. `num_groups` for `group`; setting it for `batch` is
+  refused.
+  """
+  return ml_collections.ConfigDict({
+      # group: number of channel groups (default 2); exclusive with group_size.
+      "num_groups": config_dict.placeholder(int),
+      # group: channels per group (group_size=1 is instance norm).
+      "group_size": config_dict.placeholder(int),
+      # batch, batch_flax, batch_instance: Flax convention, default 0.9.
+      "momentum": config_dict.placeholder(float),
+      # every norm but none: added to the variance, default 1e-5.
+      "epsilon": config_dict.placeholder(float),
+      # batch, batch_instance: ghost batch size for the batch statistics.
+      "virtual_batch_size": config_dict.placeholder(int),
+      # batch, batch_instance: PyTorch's n/(n-1) running variance.
+      "unbiased_running_var": config_dict.placeholder(bool),
+  })
+
+
+def model_config() -> ml_collections.ConfigDict:
+  """config.model: every option of every model, flat, with its default.
+
+  Each model is registered with the options it reads (jaxreg/models,
+  `models.MODELS`); models.validate refuses an option the chosen model does
+  not read when it is set to anything but its default.
+  """
+  cfg = ml_collections.ConfigDict()
+  # Every model.
+  cfg.name = "mnist_cnn"  # One of models.MODELS.names().
+  # Every model but nf_resnet (models.NORM_FREE_MODELS), which accepts
+  # "none" besides the default.
+  cfg.norm = "batch"  # One of norms.NORMS.names().
+  cfg.norm_kwargs = norm_kwargs_config()
+  # Every model but airbench. Dropout probability: every mnist_cnn block,
+  # between the convs of every cifar_resnet block, inside resnet9's
+  # residuals, and in the first dropout_layers slots of resnet50 /
+  # nf_resnet bottlenecks.
+  cfg.dropout = 0.0
+  # resnet50 / nf_resnet: one probability per dropout slot (exactly
+  # dropout_layers of them, e.g. (0.1, 0.2, 0.3)); when set it wins over
+  # `dropout`.
+  cfg.dropout_per_slot = config_dict.placeholder(tuple)
+  # resnet50: first k of the 3 bottleneck slots get a norm (nf_resnet
+  # accepts 0, which is what it is).
+  cfg.norm_layers = 3
+  cfg.dropout_layers = 0  # resnet50 / nf_resnet: first k slots get dropout.
+  cfg.depth = 14  # cifar_resnet: 6n+2.
+  cfg.stage_sizes = (3, 4, 6, 3)  # resnet50 / nf_resnet blocks per stage.
+  # resnet50 / nf_resnet / resnet9 / airbench base channel width.
+  cfg.width = 64
+  cfg.logit_scale = 0.125  # resnet9 / airbench logits multiplier.
+  cfg.nf_alpha = 0.2  # nf_resnet residual branch scale.
+  # airbench: side of the whitening conv's patches, the eps added to their
+  # eigenvalues, and how many (first) training images estimate them.
+  cfg.whiten_patch = 2
+  cfg.whiten_eps = 5e-4
+  cfg.whiten_images = 5000
+  # airbench: dtype its convs and classifier compute in (params, norms and
+  # logits stay float32); one of models.COMPUTE_DTYPES.
+  cfg.dtype = "float32"
+  # mnist_cnn: how its convs are computed, one of fastconv.CONV_IMPLS
+  # ("auto": matrix-product convs where they measured faster on CPU,
+  # bench/conv_impl.py; "xla": nn.Conv everywhere; "slices": everywhere).
+  cfg.conv_impl = "auto"
+  return cfg
+
+
+def schedule_config() -> ml_collections.ConfigDict:
+  """Options of every schedule (config.optimizer.schedule, schedules.py)."""
+  c = ml_collections.ConfigDict()
+  c.name = "constant"
+  # Linear warmup from 0 (cosine, warmup_linear only).
+  c.warmup_epochs = 0.0
+  # step: multiply by decay_factor every decay_epochs epochs.
+  c.decay_epochs = 30.0
+  # multistep: multiply by decay_factor at each of these epochs.
+  c.milestones = (50, 75)
+  c.decay_factor = 0.1
+  # Lower bound as a fraction of optimizer.lr: the cosine end value and the
+  # lower bound of the cyclic schedules.
+  c.min_lr_fraction = 0.0
+  # onecycle: epoch at which the LR peaks at optimizer.lr.
+  c.peak_epoch = 5.0
+  # Cyclic schedules: half a cycle (Smith's stepsize), in epochs.
+  c.half_cycle_epochs = 4.0
+  # exp_range: amplitude multiplied by gamma ** step (per optimizer step).
+  c.gamma = 0.99994
+  return c
+
+
+def optimizer_config() -> ml_collections.ConfigDict:
+  """Options of the optimizer chain (config.optimizer, optim.py)."""
+  c = ml_collections.ConfigDict()
+  c.name = "sgd"  # sgd | adam | adamw (adamw always decouples weight decay).
+  c.lr = 0.1  # Peak / base LR: the scale of the schedule.
+  c.momentum = 0.9  # sgd only; 0 removes the momentum buffer.
+  c.nesterov = False
+  c.weight_decay = 0.0
+  # False: coupled L2 added to the gradient before momentum (PyTorch SGD).
+  # True: decoupled, SGDW / AdamW style.
+  c.decoupled_weight_decay = False
+  c.weight_decay_mask = KERNEL_REGEX
+  c.l1 = 0.0
+  c.l1_mask = KERNEL_REGEX
+  c.agc_clip = config_dict.placeholder(float)  # None: no AGC.
+  c.agc_eps = 1e-3
+  c.agc_exclude = r"(^|/)classifier(/|$)"
+  c.grad_clip_norm = config_dict.placeholder(float)  # None: no clipping.
+  c.gate_lr_multiplier = 1.0
+  # Regex of params whose LR (not their weight decay) is multiplied by
+  # lr_multiplier; None: none.
+  c.lr_multiplier_mask = config_dict.placeholder(str)
+  c.lr_multiplier = 1.0
+  # Regex of params that never change (their updates are zeroed); None: none.
+  c.frozen = config_dict.placeholder(str)
+  # Regex of params frozen from epoch frozen_after_epochs on; None: none.
+  c.frozen_after = config_dict.placeholder(str)
+  c.frozen_after_epochs = 0.0
+  c.b1 = 0.9
+  c.b2 = 0.999
+  c.eps = 1e-8
+  c.schedule = schedule_config()
+  return c
+
+
 def base_config() -> ml_collections.ConfigDict:
   """Every option of a run, with defaults (SGD, MNIST CNN, BatchNorm)."""
-  from jaxreg import augment, data, models, optim
-
   c = ml_collections.ConfigDict()
   c.name = "run"  # The study's name, shown in reports.
   c.seed = 0
-  c.dataset = data.default_config()
-  c.model = models.default_config()
-  c.optimizer = optim.default_config()
+  c.dataset = dataset_config()
+  c.model = model_config()
+  c.optimizer = optimizer_config()
   c.augment = ""  # Pipeline spec, e.g. "pad_crop(pad=4)|flip"; see augment.py.
   c.train = ml_collections.ConfigDict(dict(
       batch_size=128,
@@ -44,7 +200,7 @@ def base_config() -> ml_collections.ConfigDict:
       # Seconds between progress lines inside an epoch; 0 = per epoch only.
       log_every_s=30.0,
       # Test-time augmentation at evaluation: "" | "flip" | "flip_translate"
-      # (logits averaged over views; train.tta_logits).
+      # (logits averaged over views; augment.tta_logits).
       tta="",
       # Lookahead weight average (airbench; optim.LookaheadEMA): every
       # ema_every steps from epoch ema_start_epoch (0-based) on,
@@ -78,48 +234,6 @@ def base_config() -> ml_collections.ConfigDict:
   # Wall-clock time to this test accuracy is reported (S1 uses 0.87).
   c.target_accuracy = config_dict.placeholder(float)
   return c
-
-
-def validate(config: ml_collections.ConfigDict) -> None:
-  """Refuses impossible settings before any data is read or code compiled."""
-  from jaxreg import augment, data, models, optim, schedules
-
-  data.validate(config.dataset)
-  optim.validate(config.optimizer)
-  models.build_model(config.model, num_classes=10)  # Validates, cheap.
-  t = config.train
-  # Checks names and options, and that extra cutout images fit the batch.
-  augment.output_batch_size(config.augment, max(t.batch_size, 1))
-  # A warmup or peak must end within the run.
-  schedules.validate(config.optimizer.schedule, t.epochs)
-  if t.batch_size < 1:
-    raise ValueError(f"config.train.batch_size={t.batch_size} must be >= 1")
-  if t.epochs < 1:
-    raise ValueError(f"config.train.epochs={t.epochs} must be >= 1")
-  if t.eval_batch_size < 1:
-    raise ValueError(
-        f"config.train.eval_batch_size={t.eval_batch_size} must be >= 1")
-  if not 0.0 <= t.label_smoothing < 1.0:
-    raise ValueError(
-        f"config.train.label_smoothing={t.label_smoothing} must be in [0, 1)")
-  from jaxreg import train as train_lib
-  if t.tta not in train_lib.TTA_MODES:
-    raise ValueError(f"config.train.tta={t.tta!r}; valid choices: "
-                     f"{', '.join(map(repr, train_lib.TTA_MODES))}")
-  if t.ema_decay != 0:
-    if t.ema_start_epoch >= t.epochs:
-      raise ValueError(
-          f"config.train.ema_start_epoch={t.ema_start_epoch} (0-based) must "
-          f"be smaller than train.epochs={t.epochs}, or the weight average "
-          "never starts; lower it, or set ema_decay=0")
-    # Checks the other options; the trainer checks again with its steps
-    # per epoch.
-    optim.make_lookahead(t, steps_per_epoch=t.ema_every
-                         if isinstance(t.ema_every, int) and t.ema_every > 0
-                         else 1)
-  if config.target_accuracy is not None and not 0 < config.target_accuracy <= 1:
-    raise ValueError(f"config.target_accuracy={config.target_accuracy} is a "
-                     "fraction in (0, 1], e.g. 0.87")
 
 
 # --- Dotted overrides -------------------------------------------------------

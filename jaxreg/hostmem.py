@@ -18,10 +18,10 @@ kernel, and a step of 70 ms instead of 38 ms.
     run on the calling thread. Asynchronously dispatched ones run on a
     worker thread whose glibc arena cannot hold a block over 64 MB (its
     heaps are 64 MB), so the threshold alone does not help them. This must
-    be set before JAX creates its CPU backend: `launch.py` calls `tune()`
-    first thing; `sweep.run` and `train.train_and_evaluate` (through
-    `results.environment`) call it too, which works if the script has not
-    run a JAX computation yet. Computations over several devices are
+    be set before JAX creates its CPU backend: `runtime.setup()` calls
+    `tune()` first thing (the CLI, `sweep.run` and
+    `train.train_and_evaluate` call setup), which works if the script has
+    not run a JAX computation yet. Computations over several devices are
     dispatched asynchronously either way.
 
 Neither setting changes a computed number. Set `JAXREG_HOST_TUNING=0` in the
@@ -55,7 +55,7 @@ def enabled() -> bool:
       "0", "false", "no", "off")
 
 
-def _glibc():
+def glibc():
   if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
     return None
   try:
@@ -75,6 +75,11 @@ def _async_dispatch() -> bool:
   return bool(jax.config.values.get(_FLAG, True))
 
 
+def state() -> dict | None:
+  """What `tune()` applied in this process, or None before it ran."""
+  return None if _state is None else dict(_state)
+
+
 def tune() -> dict:
   """Applies the settings above once per process; returns what holds.
 
@@ -90,7 +95,7 @@ def tune() -> dict:
     if not state["enabled"]:
       state["malloc"] = f"default ({ENV_VAR}=0)"
     else:
-      libc = _glibc()
+      libc = glibc()
       if libc is None:
         state["malloc"] = "default (not glibc)"
       elif (libc.mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD) == 1

@@ -27,8 +27,8 @@ Flax and promotes to the parameter dtype):
 Running statistics use the Flax momentum convention,
 `running = momentum * running + (1 - momentum) * batch`, with momentum 0.9
 by default (PyTorch's momentum=0.1). Options are set from
-`config.model.norm_kwargs` (see `norm_kwargs_config`); a norm refuses
-options it does not take.
+`config.model.norm_kwargs` (defaults: `jaxreg.config.norm_kwargs_config`);
+a norm refuses options it does not take.
 """
 from __future__ import annotations
 
@@ -39,13 +39,13 @@ from typing import Any, Callable, Mapping
 import flax.linen as nn
 import jax.numpy as jnp
 import ml_collections
-from ml_collections import config_dict
 
 from jaxreg.registry import Registry, check_kwargs
 
 ModuleDef = Any
 NORMS: Registry[type] = Registry("norm")
-_OPTIONS: dict[str, tuple[str, ...]] = {}
+# The options each norm takes from the config, by name.
+OPTIONS: dict[str, tuple[str, ...]] = {}
 _VALIDATORS: dict[str, Callable[[dict], dict]] = {}
 
 # Names of the norms whose modules write the `batch_stats` collection.
@@ -68,7 +68,7 @@ def register(name: str, options: tuple[str, ...],
   """
   def deco(cls):
     NORMS.add(name, cls)
-    _OPTIONS[name] = options
+    OPTIONS[name] = options
     if validate is not None:
       _VALIDATORS[name] = validate
     return cls
@@ -78,32 +78,10 @@ def register(name: str, options: tuple[str, ...],
 def make_norm(name: str, **kwargs) -> Callable[..., nn.Module]:
   """Resolves a norm name and its options into a module factory."""
   cls = NORMS.get(name)
-  check_kwargs("norm", name, kwargs, _OPTIONS[name])
+  check_kwargs("norm", name, kwargs, OPTIONS[name])
   if name in _VALIDATORS:
     kwargs = _VALIDATORS[name](dict(kwargs))
   return functools.partial(cls, **kwargs)
-
-
-def norm_kwargs_config() -> ml_collections.ConfigDict:
-  """`config.model.norm_kwargs`: every option of every norm, unset (None).
-
-  Only the options that are set are passed to the chosen norm, so a study
-  may set e.g. `num_groups` for `group`; setting it for `batch` is refused.
-  """
-  return ml_collections.ConfigDict({
-      # group: number of channel groups (default 2); exclusive with group_size.
-      "num_groups": config_dict.placeholder(int),
-      # group: channels per group (group_size=1 is instance norm).
-      "group_size": config_dict.placeholder(int),
-      # batch, batch_flax, batch_instance: Flax convention, default 0.9.
-      "momentum": config_dict.placeholder(float),
-      # every norm but none: added to the variance, default 1e-5.
-      "epsilon": config_dict.placeholder(float),
-      # batch, batch_instance: ghost batch size for the batch statistics.
-      "virtual_batch_size": config_dict.placeholder(int),
-      # batch, batch_instance: PyTorch's n/(n-1) running variance.
-      "unbiased_running_var": config_dict.placeholder(bool),
-  })
 
 
 def make_norm_from_config(
@@ -195,17 +173,27 @@ def _stat_dtype(x) -> jnp.dtype:
   return jnp.promote_types(x.dtype, jnp.float32)
 
 
-def _batch_normalize(module: nn.Module, x, train: bool, *, momentum: float,
-                     epsilon: float, virtual_batch_size: int | None,
-                     unbiased_running_var: bool, kind: str):
+class _RunningStatsNorm(nn.Module):
+  """The options of the norms with running statistics (`batch`,
+  `batch_instance`; see BatchNorm), read by `_batch_normalize`."""
+  momentum: float = 0.9
+  epsilon: float = 1e-5
+  virtual_batch_size: int | None = None
+  unbiased_running_var: bool = False
+
+
+def _batch_normalize(module: _RunningStatsNorm, x, train: bool, kind: str):
   """(x - mean) / sqrt(var + eps) per channel, without the affine part.
 
-  Declares `batch_stats` `mean` and `var` in `module`. In training, the
+  Options come from `module`, which also gets the `batch_stats` `mean` and
+  `var`. In training, the
   statistics are taken per virtual batch (all of the batch when
   `virtual_batch_size` is None) and the running statistics move towards
   their mean over virtual batches. They are not moved during `init`, as in
   Flax, so `init(..., train=True)` leaves them at zeros/ones.
   """
+  momentum, epsilon = module.momentum, module.epsilon
+  virtual_batch_size = module.virtual_batch_size
   if x.ndim < 2:
     raise ValueError(f"{kind} norm needs [N, ..., C] input, got shape "
                      f"{x.shape}")
@@ -238,7 +226,7 @@ def _batch_normalize(module: nn.Module, x, train: bool, *, momentum: float,
 
   if not module.is_initializing():
     count = math.prod(xg.shape[1:-1])  # values per channel per virtual batch
-    if unbiased_running_var:
+    if module.unbiased_running_var:
       if count < 2:
         raise ValueError(
             f"{kind} norm: unbiased_running_var needs more than one value per "
@@ -318,7 +306,7 @@ class FlaxBatchNorm(nn.BatchNorm):
 
 @register("batch", ("momentum", "epsilon", "virtual_batch_size",
                     "unbiased_running_var"), _check_batch)
-class BatchNorm(nn.Module):
+class BatchNorm(_RunningStatsNorm):
   """jaxreg's own BatchNorm; agrees with `batch_flax` at default options.
 
   Normalizes each channel over every axis but the last with the biased batch
@@ -336,18 +324,11 @@ class BatchNorm(nn.Module):
       n/(n-1) times the batch variance (n values per channel per group).
       False (default) matches Flax. Normalization always uses the biased one.
   """
-  momentum: float = 0.9
-  epsilon: float = 1e-5
-  virtual_batch_size: int | None = None
-  unbiased_running_var: bool = False
 
   @nn.compact
   def __call__(self, x, train: bool = False):
     x32 = x.astype(_stat_dtype(x))
-    y = _batch_normalize(
-        self, x32, train, momentum=self.momentum, epsilon=self.epsilon,
-        virtual_batch_size=self.virtual_batch_size,
-        unbiased_running_var=self.unbiased_running_var, kind="batch")
+    y = _batch_normalize(self, x32, train, "batch")
     return _affine(self, y, x.shape[-1]).astype(x.dtype)
 
 
@@ -371,7 +352,7 @@ class GroupNorm(nn.GroupNorm):
 
 
 @register("layer", ("epsilon",), _check_epsilon)
-class LayerNorm(nn.GroupNorm):
+class LayerNorm(GroupNorm):
   """Layer norm for conv features: GroupNorm with one group.
 
   Each sample is normalized over all of (H, W, C) (over C for [N, C] input)
@@ -379,13 +360,6 @@ class LayerNorm(nn.GroupNorm):
   `nn.LayerNorm`, which normalizes over the last axis only.
   """
   num_groups: int | None = 1
-  group_size: int | None = None
-  epsilon: float = 1e-5
-  use_fast_variance: bool = False
-
-  def __call__(self, x, train: bool = False):  # pytype: disable=signature-mismatch
-    del train
-    return super().__call__(x).astype(x.dtype)
 
 
 @register("instance", ("epsilon",), _check_epsilon)
@@ -402,7 +376,7 @@ class InstanceNorm(nn.Module):
 
 @register("batch_instance", ("momentum", "epsilon", "virtual_batch_size",
                              "unbiased_running_var"), _check_batch)
-class BatchInstanceNorm(nn.Module):
+class BatchInstanceNorm(_RunningStatsNorm):
   """Batch-instance norm (Nam & Kim 2018).
 
   y = scale * (gate * BN(x) + (1 - gate) * IN(x)) + bias, with a per-channel
@@ -413,20 +387,13 @@ class BatchInstanceNorm(nn.Module):
   (jaxreg.optim) and keeps them out of weight decay; this module does not
   clip.
   """
-  momentum: float = 0.9
-  epsilon: float = 1e-5
-  virtual_batch_size: int | None = None
-  unbiased_running_var: bool = False
 
   @nn.compact
   def __call__(self, x, train: bool = False):
     channels = x.shape[-1]
     x32 = x.astype(_stat_dtype(x))
     y_in = _instance_normalize(x32, self.epsilon, "batch_instance")
-    y_bn = _batch_normalize(
-        self, x32, train, momentum=self.momentum, epsilon=self.epsilon,
-        virtual_batch_size=self.virtual_batch_size,
-        unbiased_running_var=self.unbiased_running_var, kind="batch_instance")
+    y_bn = _batch_normalize(self, x32, train, "batch_instance")
     gate = self.param("gate", nn.initializers.ones, (channels,), jnp.float32)
     y = gate * y_bn + (1.0 - gate) * y_in
     return _affine(self, y, channels).astype(x.dtype)

@@ -33,7 +33,8 @@ present only when the config enables it):
                      BatchNorm biases). [lr_multiplier_mask set]
  10. frozen          u = 0 on params matching `frozen` (from the first step)
                      and on params matching `frozen_after` from update
-                     round(frozen_after_epochs * steps_per_epoch) on (e.g.
+                     schedules.epochs_to_steps(frozen_after_epochs,
+                     steps_per_epoch) on (e.g.
                      airbench's fixed whitening conv and its bias, trained
                      for 3 epochs). Last in the chain, so nothing (decay,
                      AGC) moves a frozen param. [frozen / frozen_after set]
@@ -49,8 +50,9 @@ compiles a new step. Everything else (masks, nesterov, b1/b2/eps,
 grad_clip_norm, agc_eps, the schedule's shape, gate_lr_multiplier) is static.
 
 Masks select params by `re.search` on the "/"-joined param path, e.g.
-"layer1/block0/conv1/kernel". The defaults give L1 and decay to conv and dense
-kernels only: norm scales, biases and batch-instance gates get none.
+"layer1/block0/conv1/kernel". The defaults (`jaxreg.config.optimizer_config`,
+masks `config.KERNEL_REGEX`) give L1 and decay to conv and dense kernels
+only: norm scales, biases and batch-instance gates get none.
 
 The train step must call `project_params` after `optax.apply_updates` to keep
 batch-instance gates in [0, 1].
@@ -58,21 +60,18 @@ batch-instance gates in [0, 1].
 from __future__ import annotations
 
 import inspect
-import math
 import re
 from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
 import ml_collections
-from ml_collections import config_dict
 import optax
 
 from jaxreg import schedules
 from jaxreg.registry import Registry
 
 PyTree = Any
-KERNEL_REGEX = r"(^|/)kernel$"
 GATE_REGEX = r"(^|/)gate$"
 
 _NO_PARAMS = "this transformation needs the params: call update(g, s, params)"
@@ -81,41 +80,6 @@ _NO_PARAMS = "this transformation needs the params: call update(g, s, params)"
 OPTIMIZERS: Registry[str] = Registry("optimizer")
 for _name in ("sgd", "adam", "adamw"):
   OPTIMIZERS.add(_name, _name)
-
-
-def default_config() -> ml_collections.ConfigDict:
-  """Options of the optimizer chain (config.optimizer)."""
-  c = ml_collections.ConfigDict()
-  c.name = "sgd"  # sgd | adam | adamw (adamw always decouples weight decay).
-  c.lr = 0.1  # Peak / base LR: the scale of the schedule.
-  c.momentum = 0.9  # sgd only; 0 removes the momentum buffer.
-  c.nesterov = False
-  c.weight_decay = 0.0
-  # False: coupled L2 added to the gradient before momentum (PyTorch SGD).
-  # True: decoupled, SGDW / AdamW style.
-  c.decoupled_weight_decay = False
-  c.weight_decay_mask = KERNEL_REGEX
-  c.l1 = 0.0
-  c.l1_mask = KERNEL_REGEX
-  c.agc_clip = config_dict.placeholder(float)  # None: no AGC.
-  c.agc_eps = 1e-3
-  c.agc_exclude = r"(^|/)classifier(/|$)"
-  c.grad_clip_norm = config_dict.placeholder(float)  # None: no clipping.
-  c.gate_lr_multiplier = 1.0
-  # Regex of params whose LR (not their weight decay) is multiplied by
-  # lr_multiplier; None: none.
-  c.lr_multiplier_mask = config_dict.placeholder(str)
-  c.lr_multiplier = 1.0
-  # Regex of params that never change (their updates are zeroed); None: none.
-  c.frozen = config_dict.placeholder(str)
-  # Regex of params frozen from epoch frozen_after_epochs on; None: none.
-  c.frozen_after = config_dict.placeholder(str)
-  c.frozen_after_epochs = 0.0
-  c.b1 = 0.9
-  c.b2 = 0.999
-  c.eps = 1e-8
-  c.schedule = schedules.default_config()
-  return c
 
 
 def _path_str(path) -> str:
@@ -345,9 +309,8 @@ def make_optimizer(cfg: ml_collections.ConfigDict, steps_per_epoch: int,
   use_mult = mult_regex is not None
   frozen_regex = cfg.frozen
   late_regex = cfg.frozen_after
-  # Same epochs -> steps rounding as the schedules.
-  late_step = int(math.floor(float(cfg.frozen_after_epochs) * steps_per_epoch
-                             + 0.5))
+  late_step = schedules.epochs_to_steps(cfg.frozen_after_epochs,
+                                       steps_per_epoch)
 
   injected = {"learning_rate": float(cfg.lr)}
   if use_momentum:

@@ -19,6 +19,13 @@ from typing import Any, Iterable
 
 import numpy as np
 
+# Columns of a sweep's summary.csv after the variant, status and axis columns
+# (sweep.write_table writes them; report reads them back).
+SUMMARY_COLUMNS = (
+    "test_accuracy", "test_loss", "test_macro_f1", "val_accuracy",
+    "train_time_s", "compile_time_s", "time_to_target_s", "epochs_to_target",
+    "epochs_completed", "num_params", "error")
+
 
 def _jsonable(x: Any) -> Any:
   if isinstance(x, dict):
@@ -99,6 +106,14 @@ def read_jsonl(path: str | os.PathLike) -> list[dict]:
   return [json.loads(line) for line in path.read_text().splitlines() if line]
 
 
+def read_summary(run_dir: str | os.PathLike) -> dict | None:
+  """`run_dir`/summary.json, or None when it is missing or unreadable."""
+  try:
+    return read_json(Path(run_dir) / "summary.json")
+  except (OSError, ValueError):
+    return None
+
+
 def git_revision() -> str | None:
   try:
     out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True,
@@ -123,7 +138,9 @@ def environment() -> dict:
   import optax
 
   from jaxreg import hostmem
-  host_tuning = hostmem.tune()  # Before jax.devices() starts the backend.
+  host_tuning = hostmem.state() or {
+      "enabled": False, "note": "hostmem.tune() was not called in this "
+      "process (runtime.setup() does it)"}
   devices = jax.devices()
   return {
       "python": platform.python_version(),
@@ -162,10 +179,15 @@ def _flatten(d: dict, prefix: str = "") -> dict:
   return out
 
 
+def flatten_config(config: dict) -> dict:
+  """A config dict as {dotted key: JSON value}."""
+  return _flatten(_jsonable(config))
+
+
 def config_diff(old: dict, new: dict,
                 ignore: frozenset[str] = NON_SEMANTIC_KEYS) -> list[str]:
   """Dotted keys whose values differ between two config dicts."""
-  a, b = _flatten(_jsonable(old)), _flatten(_jsonable(new))
+  a, b = flatten_config(old), flatten_config(new)
   return sorted(k for k in set(a) | set(b)
                 if k not in ignore and a.get(k) != b.get(k))
 
@@ -190,7 +212,7 @@ def check_same_config(run_dir: str | os.PathLike, config: dict,
         "use another --workdir or delete it") from None
   diff = config_diff(old, config)
   if diff:
-    a, b = _flatten(_jsonable(old)), _flatten(_jsonable(config))
+    a, b = flatten_config(old), flatten_config(config)
     missing = "<absent>"
     changes = "; ".join(f"{k}: {a.get(k, missing)!r} -> {b.get(k, missing)!r}"
                         for k in diff)

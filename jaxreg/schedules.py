@@ -26,7 +26,8 @@ Entries (`SCHEDULES`):
                  decay to 0 at the end.
 
 Only cosine and warmup_linear take a warmup; the others refuse
-warmup_epochs > 0 rather than ignore it.
+warmup_epochs > 0 rather than ignore it. The options' defaults are
+`jaxreg.config.schedule_config()`.
 """
 from __future__ import annotations
 
@@ -45,31 +46,9 @@ SCHEDULES: Registry[ScheduleBuilder] = Registry("schedule")
 _WARMUP_SCHEDULES = ("cosine", "warmup_linear")
 
 
-def default_config() -> ml_collections.ConfigDict:
-  """Options of every schedule (config.optimizer.schedule)."""
-  c = ml_collections.ConfigDict()
-  c.name = "constant"
-  # Linear warmup from 0 (cosine, warmup_linear only).
-  c.warmup_epochs = 0.0
-  # step: multiply by decay_factor every decay_epochs epochs.
-  c.decay_epochs = 30.0
-  # multistep: multiply by decay_factor at each of these epochs.
-  c.milestones = (50, 75)
-  c.decay_factor = 0.1
-  # Lower bound as a fraction of optimizer.lr: the cosine end value and the
-  # lower bound of the cyclic schedules.
-  c.min_lr_fraction = 0.0
-  # onecycle: epoch at which the LR peaks at optimizer.lr.
-  c.peak_epoch = 5.0
-  # Cyclic schedules: half a cycle (Smith's stepsize), in epochs.
-  c.half_cycle_epochs = 4.0
-  # exp_range: amplitude multiplied by gamma ** step (per optimizer step).
-  c.gamma = 0.99994
-  return c
-
-
-def _steps(epochs: float, steps_per_epoch: int) -> int:
-  """Epochs -> whole steps, halves rounded up (not Python's round-to-even)."""
+def epochs_to_steps(epochs: float, steps_per_epoch: int) -> int:
+  """Epochs -> whole optimizer steps, halves rounded up (not Python's
+  round-to-even). Every option given in epochs converts this way."""
   return int(math.floor(float(epochs) * steps_per_epoch + 0.5))
 
 
@@ -155,7 +134,7 @@ def make_schedule(cfg: ml_collections.ConfigDict, base_lr: float,
   _require(int(steps_per_epoch) == steps_per_epoch and steps_per_epoch >= 1,
            f"steps_per_epoch must be a positive integer, got {steps_per_epoch}")
   validate(cfg, num_epochs)
-  total_steps = _steps(num_epochs, steps_per_epoch)
+  total_steps = epochs_to_steps(num_epochs, steps_per_epoch)
   _require(total_steps >= 1,
            f"num_epochs={num_epochs} gives no optimizer step at "
            f"{steps_per_epoch} steps per epoch")
@@ -176,7 +155,7 @@ def _constant(cfg, base_lr, steps_per_epoch, total_steps):
 @SCHEDULES.register("step")
 def _step(cfg, base_lr, steps_per_epoch, total_steps):
   del total_steps
-  every = _steps(cfg.decay_epochs, steps_per_epoch)
+  every = epochs_to_steps(cfg.decay_epochs, steps_per_epoch)
   _require(every >= 1, f"optimizer.schedule.decay_epochs={cfg.decay_epochs} "
            "is shorter than one step")
   return optax.exponential_decay(
@@ -187,7 +166,7 @@ def _step(cfg, base_lr, steps_per_epoch, total_steps):
 @SCHEDULES.register("multistep")
 def _multistep(cfg, base_lr, steps_per_epoch, total_steps):
   del total_steps
-  boundaries = [_steps(m, steps_per_epoch) for m in cfg.milestones]
+  boundaries = [epochs_to_steps(m, steps_per_epoch) for m in cfg.milestones]
   _require(len(set(boundaries)) == len(boundaries),
            f"optimizer.schedule.milestones={tuple(cfg.milestones)} fall on "
            "the same step; space them further apart")
@@ -195,11 +174,25 @@ def _multistep(cfg, base_lr, steps_per_epoch, total_steps):
       base_lr, {b: float(cfg.decay_factor) for b in boundaries})
 
 
+def _warmup_steps(cfg, steps_per_epoch: int, total_steps: int,
+                  decay: str) -> int:
+  warmup = epochs_to_steps(cfg.warmup_epochs, steps_per_epoch)
+  _require(warmup < total_steps, "optimizer.schedule.warmup_epochs leaves no "
+           f"step for the {decay} decay")
+  return warmup
+
+
+def _up_then_down(base_lr: float, peak: int, total_steps: int
+                  ) -> optax.Schedule:
+  """Linear 0 -> base_lr over `peak` steps, then linear to 0 at the end."""
+  return optax.join_schedules(
+      [optax.linear_schedule(0.0, base_lr, peak),
+       optax.linear_schedule(base_lr, 0.0, total_steps - peak)], [peak])
+
+
 @SCHEDULES.register("cosine")
 def _cosine(cfg, base_lr, steps_per_epoch, total_steps):
-  warmup = _steps(cfg.warmup_epochs, steps_per_epoch)
-  _require(warmup < total_steps, "optimizer.schedule.warmup_epochs leaves no "
-           "step for the cosine decay")
+  warmup = _warmup_steps(cfg, steps_per_epoch, total_steps, "cosine")
   return optax.warmup_cosine_decay_schedule(
       init_value=0.0, peak_value=base_lr, warmup_steps=warmup,
       decay_steps=total_steps, end_value=cfg.min_lr_fraction * base_lr)
@@ -207,23 +200,17 @@ def _cosine(cfg, base_lr, steps_per_epoch, total_steps):
 
 @SCHEDULES.register("onecycle")
 def _onecycle(cfg, base_lr, steps_per_epoch, total_steps):
-  peak = _steps(cfg.peak_epoch, steps_per_epoch)
+  peak = epochs_to_steps(cfg.peak_epoch, steps_per_epoch)
   _require(1 <= peak < total_steps,
            f"optimizer.schedule.peak_epoch={cfg.peak_epoch} must fall "
            "strictly inside the run (at least one step on each side)")
-  return optax.join_schedules(
-      [optax.linear_schedule(0.0, base_lr, peak),
-       optax.linear_schedule(base_lr, 0.0, total_steps - peak)], [peak])
+  return _up_then_down(base_lr, peak, total_steps)
 
 
 @SCHEDULES.register("warmup_linear")
 def _warmup_linear(cfg, base_lr, steps_per_epoch, total_steps):
-  warmup = _steps(cfg.warmup_epochs, steps_per_epoch)
-  _require(warmup < total_steps, "optimizer.schedule.warmup_epochs leaves no "
-           "step for the linear decay")
-  return optax.join_schedules(
-      [optax.linear_schedule(0.0, base_lr, warmup),
-       optax.linear_schedule(base_lr, 0.0, total_steps - warmup)], [warmup])
+  warmup = _warmup_steps(cfg, steps_per_epoch, total_steps, "linear")
+  return _up_then_down(base_lr, warmup, total_steps)
 
 
 def _cyclic(mode: str) -> ScheduleBuilder:
@@ -237,7 +224,7 @@ def _cyclic(mode: str) -> ScheduleBuilder:
 
   def build(cfg, base_lr, steps_per_epoch, total_steps):
     del total_steps
-    s = _steps(cfg.half_cycle_epochs, steps_per_epoch)
+    s = epochs_to_steps(cfg.half_cycle_epochs, steps_per_epoch)
     _require(s >= 1, f"optimizer.schedule.half_cycle_epochs="
              f"{cfg.half_cycle_epochs} is shorter than one step")
     lo = float(cfg.min_lr_fraction) * base_lr

@@ -21,14 +21,12 @@ import csv
 import dataclasses
 import io
 import json
-import math
 import os
 import re
 import signal
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
@@ -38,10 +36,9 @@ from absl import logging
 from jaxreg import config as config_lib
 from jaxreg import results
 
-SUMMARY_COLUMNS = (
-    "test_accuracy", "test_loss", "test_macro_f1", "val_accuracy",
-    "train_time_s", "compile_time_s", "time_to_target_s", "epochs_to_target",
-    "epochs_completed", "num_params", "error")
+SUMMARY_COLUMNS = results.SUMMARY_COLUMNS
+# --stack_mode choices (stacked.MODES, without importing JAX here).
+STACK_MODES = ("auto", "vmap", "loop")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -129,13 +126,6 @@ def _row(variant: Variant, summary: dict | None, axes: Sequence[str]) -> dict:
   return row
 
 
-def _read_summary(run_dir: Path) -> dict | None:
-  try:
-    return results.read_json(run_dir / "summary.json")
-  except (OSError, ValueError):
-    return None
-
-
 def write_table(workdir: Path, variants: Sequence[Variant],
                 override_rows: dict[str, dict] | None = None) -> list[dict]:
   """Rebuilds summary.csv from every variant's summary.json on disk.
@@ -147,7 +137,7 @@ def write_table(workdir: Path, variants: Sequence[Variant],
   rows = []
   for v in variants:
     row = (override_rows or {}).get(v.name)
-    rows.append(row or _row(v, _read_summary(workdir / v.name), axes))
+    rows.append(row or _row(v, results.read_summary(workdir / v.name), axes))
   buf = io.StringIO()
   writer = csv.DictWriter(buf, fieldnames=["variant", "status", *axes,
                                            *SUMMARY_COLUMNS])
@@ -163,40 +153,69 @@ def write_table(workdir: Path, variants: Sequence[Variant],
 # --- Running ----------------------------------------------------------------
 
 
+@dataclasses.dataclass(frozen=True)
+class Study:
+  """A study resolved from a config file or a ConfigDict."""
+  base: ml_collections.ConfigDict  # With the job's overrides applied.
+  variants: list  # [Variant], every variant of the study.
+  path: str | None  # The config file ("configs/agc.py:smoke"), if any.
+  report: dict  # The study file's get_report(arg), or {}.
+
+
 def resolve(config: str | ml_collections.ConfigDict,
             overrides: dict | None = None,
-            sweep: Sequence[dict] | None = None):
-  """(base config, variants, config path or None) from a path or a config."""
-  path = None
+            sweep: Sequence[dict] | None = None) -> Study:
+  """The Study of a config path or a ConfigDict."""
+  path, report = None, {}
   if isinstance(config, (str, os.PathLike)):
     path = str(config)
     module, arg = config_lib.load_config_file(path)
     base = module.get_config(arg)
     if sweep is None:
       sweep = module.get_sweep(arg) if hasattr(module, "get_sweep") else [{}]
+    if hasattr(module, "get_report"):
+      report = dict(module.get_report(arg) or {})
   else:
     base = config
   base = config_lib.apply_overrides(base, overrides or {})
-  return base, make_variants(sweep if sweep is not None else [{}]), path
+  return Study(base, make_variants(sweep if sweep is not None else [{}]),
+               path, report)
 
 
 def _is_single(variants: Sequence[Variant]) -> bool:
   return len(variants) == 1 and not variants[0].overrides
 
 
-def _run_one(base: ml_collections.ConfigDict, variant: Variant, run_dir: Path,
-             num_devices: int) -> dict:
-  from jaxreg import train  # Imports JAX; keep dry runs light.
-  prior = _read_summary(run_dir)
-  cfg = config_lib.apply_overrides(base, variant.overrides)
-  if num_devices:
-    cfg = config_lib.apply_overrides(cfg, {"train.num_devices": num_devices})
-  if prior and prior.get("status") == "completed":
-    results.check_same_config(run_dir, cfg.to_dict(), "a completed run")
-    logging.info("%s: already completed, skipped", run_dir)
-    return prior
-  return train.train_and_evaluate(cfg, run_dir, variant=variant.name,
-                                  overrides=variant.overrides)
+@dataclasses.dataclass(frozen=True)
+class Job:
+  """A variant resolved, validated and checked against its run directory,
+  once: what the sweep runs, skips or records as refused."""
+  variant: Variant
+  run_dir: Path
+  config: ml_collections.ConfigDict | None  # None when refused.
+  prior: Any = None  # record.Prior when not refused.
+  error: str | None = None  # Why it was refused.
+
+
+def prepare(base: ml_collections.ConfigDict, variant: Variant, run_dir: Path,
+            num_devices: int) -> Job:
+  """The Job of `variant`: its config (base + overrides, and
+  train.num_devices when given), validated and checked against `run_dir`.
+  A refusal (a bad config, a run directory of another config) is kept as
+  the Job's error; nothing is written."""
+  from jaxreg import record, validation  # Import JAX; keep dry runs light.
+  try:
+    overrides = dict(variant.overrides)
+    if num_devices:
+      overrides["train.num_devices"] = num_devices
+    cfg = config_lib.apply_overrides(base, overrides)
+    validation.validate(cfg)
+    prior = record.check_prior(cfg, run_dir)
+  except Exception as e:  # pylint: disable=broad-except
+    logging.error("variant %s refused: %s: %s", variant.name,
+                  type(e).__name__, e)
+    return Job(variant, run_dir, None, error=f"{type(e).__name__}: {e}")
+  return Job(variant, run_dir, cfg, prior)
 
 
 def run(config: str | ml_collections.ConfigDict, *,
@@ -235,10 +254,11 @@ def run(config: str | ml_collections.ConfigDict, *,
   if devices_per_run < 0:
     raise ValueError(f"devices_per_run={devices_per_run} must be >= 0 "
                      "(0: all devices for one run, one each in a sweep)")
-  if stack:
-    from jaxreg import stacked  # Imports JAX; keep dry runs light.
-    stacked.MODES.get(stack_mode)
-  base, all_variants, path = resolve(config, overrides, sweep)
+  if stack_mode not in STACK_MODES:
+    raise ValueError(f"stack_mode={stack_mode!r}; valid choices: "
+                     f"{', '.join(STACK_MODES)}")
+  study = resolve(config, overrides, sweep)
+  all_variants = study.variants
   todo = select(all_variants, variants) if variants else all_variants
   todo = shard(todo, num_shards, shard_index)
   if dry_run:
@@ -246,125 +266,96 @@ def run(config: str | ml_collections.ConfigDict, *,
       print_fn(f"{v.name}  {json.dumps(v.overrides)}")
     print_fn(f"{len(todo)} variants")
     return [_row(v, None, _axes(all_variants)) for v in todo]
-  from jaxreg import hostmem  # Before the first JAX computation.
-  hostmem.tune()
+  from jaxreg import runtime  # Imports JAX; keep dry runs light.
+  runtime.setup()
   workdir = Path(workdir)
   if _is_single(all_variants):
-    return [_row(all_variants[0],
-                 _run_one(base, all_variants[0], workdir, devices_per_run), [])]
+    job = prepare(study.base, all_variants[0], workdir, devices_per_run)
+    if job.error is not None:
+      raise ValueError(job.error)
+    return [_row(all_variants[0], _run_jobs([job], stack_mode)[0], [])]
 
   workdir.mkdir(parents=True, exist_ok=True)
   results.write_json(workdir / "sweep.json", {
-      "study": base.name, "config": path, "axes": _axes(all_variants),
-      "variants": [dataclasses.asdict(v) for v in all_variants]})
+      "study": study.base.name, "config": study.path,
+      "axes": _axes(all_variants),
+      "variants": [dataclasses.asdict(v) for v in all_variants],
+      "report": study.report})
   workers = _plan_workers(devices_per_run, len(todo)) if side_by_side else []
   if workers:
-    _run_workers(workers, path, base, overrides, sweep, todo, workdir,
-                 stack=stack, stack_mode=stack_mode)
+    run_workers(workers, study.path, study.base, overrides, sweep, todo,
+                 workdir, stack=stack, stack_mode=stack_mode)
     return [r for r in write_table(workdir, all_variants)
             if r["variant"] in {v.name for v in todo}]
 
   failed_rows: dict[str, dict] = {}
   axes = _axes(all_variants)
-  groups = (_stack_groups(base, todo, workdir, devices_per_run) if stack
-            else [[v] for v in todo])
+  jobs = [prepare(study.base, v, workdir / v.name, devices_per_run)
+          for v in todo]
   done_count = 0
-  for group in groups:
+  for group in (_stack_groups(jobs) if stack else [[j] for j in jobs]):
+    names = [j.variant.name for j in group]
     if len(group) > 1:
       print_fn(f"[{done_count + 1}-{done_count + len(group)}/{len(todo)}] "
-               f"stacked: {', '.join(v.name for v in group)}")
-      done_count += len(group)
-      _run_stack(base, group, workdir, devices_per_run, stack_mode,
-                 failed_rows, axes)
-      write_table(workdir, all_variants, failed_rows)
-      continue
-    v = group[0]
-    done_count += 1
-    print_fn(f"[{done_count}/{len(todo)}] {v.name}")
-    run_dir = workdir / v.name
+               f"stacked: {', '.join(names)}")
+    else:
+      print_fn(f"[{done_count + 1}/{len(todo)}] {names[0]}")
+    done_count += len(group)
+    refused = [j for j in group if j.error is not None]
     try:
-      _run_one(base, v, run_dir, devices_per_run)
+      if refused:
+        raise ValueError(refused[0].error)
+      _run_jobs(group, stack_mode, workdir)
     except Exception as e:  # Recorded; the sweep goes on.
-      logging.exception("variant %s failed", v.name)
-      if isinstance(e, results.ConfigMismatch) or not (
-          run_dir / "summary.json").exists():
-        # Refused before its directory was touched: keep the old results.
-        failed_rows[v.name] = _row(v, {"status": "failed",
-                                       "error": f"{type(e).__name__}: {e}"},
-                                   axes)
+      logging.exception("%s failed", ", ".join(names))
+      error = refused[0].error if refused else f"{type(e).__name__}: {e}"
+      for j in group:
+        if j.error is not None or not (j.run_dir / "summary.json").exists():
+          # Refused before its directory was touched: keep the old results.
+          failed_rows[j.variant.name] = _row(
+              j.variant, {"status": "failed", "error": error}, axes)
     write_table(workdir, all_variants, failed_rows)
   rows = write_table(workdir, all_variants, failed_rows)
   done = {v.name for v in todo}
   return [r for r in rows if r["variant"] in done]
 
 
-# --- Stacked groups (jaxreg/stacked.py) ---------------------------------------
+def _run_jobs(group: Sequence[Job], stack_mode: str,
+              workdir: Path | None = None) -> list[dict]:
+  """Trains one group of prepared jobs (a single one runs as itself);
+  returns their summaries. Finished ones are returned as they are."""
+  from jaxreg import stacked, train
+  if len(group) == 1:
+    job = group[0]
+    if job.prior.kind == "finished":
+      logging.info("%s: already %s, skipped", job.run_dir,
+                   job.prior.summary["status"])
+      return [job.prior.summary]
+    return train.run(train.single_plan(job.config, job.run_dir,
+                                       variant=job.variant.name,
+                                       overrides=job.variant.overrides))
+  names = [j.variant.name for j in group]
+  stack_dir = workdir / stacked.STACKS_DIR / stacked.group_id(names)
+  members = [train.Member(j.config, j.run_dir, j.variant.name,
+                          j.variant.overrides) for j in group]
+  stacked.check_group_dirs(members, stack_dir)
+  return stacked.run_group(stacked.group_plan(members, stack_dir, stack_mode))
 
 
-def _variant_config(base: ml_collections.ConfigDict, variant: Variant,
-                    num_devices: int) -> ml_collections.ConfigDict:
-  cfg = config_lib.apply_overrides(base, variant.overrides)
-  if num_devices:
-    cfg = config_lib.apply_overrides(cfg, {"train.num_devices": num_devices})
-  return cfg
-
-
-def _stack_groups(base: ml_collections.ConfigDict, todo: Sequence[Variant],
-                  workdir: Path, num_devices: int) -> list[list[Variant]]:
-  """`todo` in stackable groups, in order of first appearance. A variant
-  runs alone (as without stacking) when its config is invalid (so the error
-  is recorded as usual), its directory holds a completed or diverged run
-  (skipped or returned as usual) or a single run's checkpoints (resumed),
-  or nothing else stacks with it."""
-  from jaxreg import checkpoint, stacked, train
-  alone: list[Variant] = []
-  candidates: list[Variant] = []
-  configs = []
-  for v in todo:
-    run_dir = workdir / v.name
-    try:
-      cfg = _variant_config(base, v, num_devices)
-      config_lib.validate(cfg)
-      checkpoint.validate(cfg)
-    except Exception:  # pylint: disable=broad-except
-      alone.append(v)
-      continue
-    prior = _read_summary(run_dir) or {}
-    if (prior.get("status") in train.FINAL_STATUSES
-        or checkpoint.has_checkpoints(run_dir / train.CHECKPOINT_DIR)):
-      alone.append(v)
-      continue
-    candidates.append(v)
-    configs.append(cfg)
-  groups = [[candidates[i] for i in g]
-            for g in stacked.group_indices(configs)]
-  # Back in the study's order of first appearance.
-  order = {v.name: i for i, v in enumerate(todo)}
-  out = groups + [[v] for v in alone]
-  return sorted(out, key=lambda g: order[g[0].name])
-
-
-def _run_stack(base: ml_collections.ConfigDict, group: Sequence[Variant],
-               workdir: Path, num_devices: int, mode: str,
-               failed_rows: dict[str, dict], axes: Sequence[str]) -> None:
-  """Trains `group` together; a failure is recorded for every member whose
-  directory it did not reach, and the sweep goes on."""
+def _stack_groups(jobs: Sequence[Job]) -> list[list[Job]]:
+  """`jobs` in stackable groups, in order of first appearance. A job runs
+  alone (as without stacking) when it was refused (so the error is recorded
+  as usual), its directory holds a finished run (skipped) or a single run's
+  checkpoints (resumed), or nothing else stacks with it."""
   from jaxreg import stacked
-  names = [v.name for v in group]
-  try:
-    stacked.train_group(
-        [_variant_config(base, v, num_devices) for v in group],
-        [workdir / n for n in names],
-        workdir / stacked.STACKS_DIR / stacked.group_id(names),
-        variants=names, overrides=[v.overrides for v in group], mode=mode)
-  except Exception as e:  # Recorded; the sweep goes on.
-    logging.exception("stacked group %s failed", ", ".join(names))
-    for v in group:
-      if isinstance(e, results.ConfigMismatch) or not (
-          workdir / v.name / "summary.json").exists():
-        failed_rows[v.name] = _row(v, {"status": "failed",
-                                       "error": f"{type(e).__name__}: {e}"},
-                                   axes)
+  alone = [j for j in jobs if j.error is not None or j.prior.kind != "fresh"]
+  candidates = [j for j in jobs if j not in alone]
+  groups = [[candidates[i] for i in g] for g in stacked.group_indices(
+      [j.config for j in candidates])]
+  # Back in the study's order of first appearance.
+  order = {j.variant.name: i for i, j in enumerate(jobs)}
+  return sorted(groups + [[j] for j in alone],
+                key=lambda g: order[g[0].variant.name])
 
 
 # --- Side by side on one machine --------------------------------------------
@@ -402,7 +393,7 @@ def _plan_workers(devices_per_run: int, num_variants: int) -> list[dict]:
   return groups
 
 
-def _run_workers(workers: list[dict], path: str | None,
+def run_workers(workers: list[dict], path: str | None,
                  base: ml_collections.ConfigDict, overrides: dict | None,
                  sweep: Sequence[dict] | None, todo: Sequence[Variant],
                  workdir: Path, *, stack: bool = False,
@@ -475,8 +466,8 @@ def _worker_main(spec_path: str) -> int:
   config = spec["config_path"]
   if config is None:
     config = ml_collections.ConfigDict(spec["config"])
-  from jaxreg import launch
-  launch.enable_compilation_cache()
+  from jaxreg import runtime
+  runtime.setup()
   logging.set_verbosity(logging.INFO)
   run(config, workdir=spec["workdir"], overrides=spec["overrides"],
       sweep=spec["sweep"], variants=spec["variants"],

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from jaxreg import augment
+from jaxreg import config
 
 
 def _run(spec, images, labels=None, key=0, num_classes=None, jit=True):
@@ -531,3 +532,24 @@ def test_build_argument_and_batch_errors():
     fn(jax.random.key(0), jnp.zeros((4, 5, 4, 1)), jnp.zeros((4, 2)))
   with pytest.raises(ValueError, match="labels"):
     fn(jax.random.key(0), jnp.zeros((4, 4, 4, 1)), jnp.zeros((4, 3)))
+
+
+# ---------------------------------------------------------------------------
+# Test-time views. The view weights against NumPy: tests/test_speedrun.py.
+
+
+@pytest.mark.parametrize("mode", config.TTA_MODES)
+def test_tta_logits_takes_every_config_mode(mode):
+  # Constant images look the same in every view, so weights summing to 1
+  # give back the plain logits.
+  w = jnp.asarray(np.random.default_rng(0).normal(size=(4 * 4 * 2, 3)),
+                  jnp.float32)
+  apply_fn = lambda v, x, train: x.reshape(len(x), -1) @ v["w"]
+  x = jnp.full((2, 4, 4, 2), 0.5, jnp.float32)
+  got = augment.tta_logits(apply_fn, {"w": w}, x, mode)
+  np.testing.assert_allclose(np.asarray(got),
+                             np.asarray(apply_fn({"w": w}, x, False)),
+                             rtol=1e-6)
+  with pytest.raises(ValueError, match="valid choices: " + ", ".join(
+      map(repr, config.TTA_MODES))):
+    augment.tta_logits(apply_fn, {"w": w}, x, "mirror")

@@ -22,9 +22,13 @@ import pytest
 
 from jaxreg import checkpoint
 from jaxreg import config as config_lib
+from jaxreg import data as data_lib
+from jaxreg import engine as engine_lib
 from jaxreg import results
+from jaxreg import steps as steps_lib
 from jaxreg import sweep
 from jaxreg import train
+from jaxreg import validation
 from tests.helpers import ROOT
 
 SMALL = {"dataset.train_size": 2048, "dataset.test_size": 1000,
@@ -68,11 +72,12 @@ def _steps(run_dir: Path) -> list[int]:
 @pytest.fixture(scope="module", autouse=True)
 def _compilation_cache():
   # Every run below compiles the same programs: load them from disk.
-  from jaxreg import launch
+  from jaxreg import runtime
   keys = ("jax_compilation_cache_dir",
           "jax_persistent_cache_min_compile_time_secs")
   before = {k: getattr(jax.config, k) for k in keys}
-  launch.enable_compilation_cache()
+  jax.config.update(keys[0], runtime.default_cache_dir())
+  jax.config.update(keys[1], runtime.CACHE_MIN_COMPILE_S)
   yield
   for k, v in before.items():
     jax.config.update(k, v)
@@ -232,7 +237,7 @@ def test_repeated_sigterm_is_one_request_and_two_sigints_stop_at_once():
 def _toy_state(value: float):
   """A TrainState-like tree with params, an optimizer state and a step."""
   import optax
-  from jaxreg.train import TrainState
+  from jaxreg.steps import TrainState
   params = {"dense": {"kernel": np.full((3, 4), value, np.float32),
                       "bias": np.arange(4, dtype=np.float32) * value}}
   state = TrainState.create(
@@ -327,12 +332,12 @@ def test_keep_best_needs_a_validation_split():
   config = config_lib.base_config()
   config.checkpoint.keep_best = True
   with pytest.raises(ValueError, match="val_fraction"):
-    checkpoint.validate(config)
+    validation.check_checkpoint(config)
   config.dataset.val_fraction = 0.1
-  checkpoint.validate(config)
+  validation.check_checkpoint(config)
   config.checkpoint.keep = 0
   with pytest.raises(ValueError, match="keep=0"):
-    checkpoint.validate(config)
+    validation.check_checkpoint(config)
 
 
 def test_step_metrics_round_trip_exactly():
@@ -349,12 +354,12 @@ def test_step_metrics_round_trip_exactly():
 
 _SAVE_ON_TWO_DEVICES = """
 import sys, numpy as np, jax
-from jaxreg import checkpoint, train
+from jaxreg import checkpoint, data, engine, steps
 from tests.test_checkpoint import _config
 assert jax.device_count() == 2
 config = _config(**{"train.num_devices": 2})
-state = train._Trainer(config, train.data_lib.load(config.dataset),
-                       train.make_mesh(2)).init_state(jax.random.key(3))
+state = engine.build(config, data.load(config.dataset),
+                     steps.make_mesh(2)).steps.init_state(jax.random.key(3))
 state = state.replace(
     params=jax.tree.map(lambda x: x * 1.5 + 0.25, state.params),
     step=jax.device_put(np.int32(7), state.step.sharding))
@@ -377,9 +382,9 @@ def test_checkpoint_from_two_devices_restores_on_one(tmp_path, reference):
 
   assert jax.device_count() == 1
   config = _config()
-  trainer = train._Trainer(config, train.data_lib.load(config.dataset),
-                           train.make_mesh(1))
-  target = trainer.init_state(jax.random.key(0))
+  target = engine_lib.build(config, data_lib.load(config.dataset),
+                            steps_lib.make_mesh(1)).steps.init_state(
+                                jax.random.key(0))
   with checkpoint.RunCheckpoints(ckpt_dir, config.checkpoint) as c:
     state, meta = c.restore_latest(target)
   assert meta["step"] == 7 and meta["step_in_epoch"] == 7
@@ -460,7 +465,7 @@ def test_a_signal_to_the_sweep_reaches_its_workers(tmp_path, monkeypatch):
   try:
     threading.Thread(target=signal_when_ready, daemon=True).start()
     with pytest.raises(SystemExit) as e:
-      sweep._run_workers(workers, None, config_lib.base_config(), None, None,
+      sweep.run_workers(workers, None, config_lib.base_config(), None, None,
                          variants, tmp_path)
     restored = signal.getsignal(signal.SIGTERM)
   finally:

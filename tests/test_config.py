@@ -5,6 +5,7 @@ import sys
 import pytest
 
 from jaxreg import config as config_lib
+from jaxreg import validation
 from tests.helpers import ROOT
 
 
@@ -27,7 +28,7 @@ def test_wrong_type_override_refused():
 def test_unknown_norm_refused_listing_valid_names():
   c = config_lib.apply_overrides(config_lib.base_config(), {"model.norm": "btach"})
   with pytest.raises(ValueError) as e:
-    config_lib.validate(c)
+    validation.validate(c)
   for name in ("batch", "group", "layer", "none"):
     assert name in str(e.value)
 
@@ -41,7 +42,7 @@ def test_unknown_norm_refused_listing_valid_names():
 def test_bad_values_refused(key, value, match):
   c = config_lib.apply_overrides(config_lib.base_config(), {key: value})
   with pytest.raises(ValueError, match=match):
-    config_lib.validate(c)
+    validation.validate(c)
 
 
 def test_sweep_helpers():
@@ -77,7 +78,7 @@ def test_launch_refuses_misspelled_flag_before_training(tmp_path):
 def test_augmentation_and_schedule_refused_at_validation(overrides, match):
   c = config_lib.apply_overrides(config_lib.base_config(), overrides)
   with pytest.raises(ValueError, match=match):
-    config_lib.validate(c)
+    validation.validate(c)
 
 
 def test_launch_variants_flag_takes_names_with_commas(tmp_path):

@@ -21,6 +21,7 @@ import pytest
 
 from jaxreg import augment as augment_lib
 from jaxreg import config as config_lib
+from jaxreg import validation
 from jaxreg import models
 from jaxreg import optim
 from jaxreg import sweep
@@ -108,7 +109,7 @@ def test_cli_dry_run_prints_one_line_per_variant():
 
 def _check_runnable(cfg, checked_models: dict, checked_augments: set) -> None:
   """What a run checks before training, plus what only tracing would find."""
-  config_lib.validate(cfg)
+  validation.validate(cfg)
   assert cfg.dataset.name in TRAIN_SIZES, cfg.dataset.name
   shape = IMAGE_SHAPES[cfg.dataset.name]
   batch = cfg.train.batch_size
@@ -338,7 +339,7 @@ def test_augment_final_models_match_s1():
   ns = [augment_lib.parse(c.augment)[0][1]["n"] for c in resolved[4:]]
   assert ns == [2, 4, 8, 16]
   # Per-slot rates reach the model's three slots.
-  assert models._slot_rates(resolved[3].model) == (0.1, 0.2, 0.3)
+  assert models.slot_rates(resolved[3].model) == (0.1, 0.2, 0.3)
 
 
 def test_augment_s5_comparison():

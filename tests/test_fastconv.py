@@ -120,8 +120,9 @@ def test_bad_options_raise():
 
 @pytest.mark.parametrize("impl", ["auto", "slices"])
 def test_mnist_cnn_conv_impls_share_params_and_outputs(impl):
+  from jaxreg import config as config_lib
   from jaxreg import models
-  cfg = models.default_config()
+  cfg = config_lib.model_config()
   cfg.norm = "group"  # No batch statistics: one forward pass to compare.
   cfg.conv_impl = "xla"
   ref = models.build_model(cfg, 10)
@@ -157,8 +158,9 @@ def test_mnist_cnn_conv_impls_share_params_and_outputs(impl):
   assert all(v in ("SliceConv", "Conv") for v in convs.values())
 
 def test_mnist_cnn_refuses_unknown_conv_impl():
+  from jaxreg import config as config_lib
   from jaxreg import models
-  cfg = models.default_config()
+  cfg = config_lib.model_config()
   cfg.conv_impl = "im2col"
   with pytest.raises(ValueError, match="conv_impl='im2col'; valid choices"):
     models.build_model(cfg, 10)

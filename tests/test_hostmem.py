@@ -49,7 +49,7 @@ def _probe(**env) -> dict:
 
 
 needs_glibc = pytest.mark.skipif(
-    hostmem._glibc() is None,  # pylint: disable=protected-access
+    hostmem.glibc() is None,
     reason="the malloc settings are glibc's (Linux)")
 
 

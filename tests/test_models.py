@@ -7,11 +7,13 @@ from __future__ import annotations
 
 import math
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from jaxreg import config as config_lib
 from jaxreg import models
 from jaxreg import norms
 
@@ -21,15 +23,19 @@ SHAPES = ((28, 28, 1), (32, 32, 3))
 BATCH = 4
 
 
+# Small sizes, each set only for the models that read it (the others
+# refuse it).
+TINY = {"depth": 8, "stage_sizes": (1, 1, 1, 1), "width": 4}
+
+
 def tiny_cfg(name: str, norm: str = "batch", **overrides):
-  cfg = models.default_config()
+  cfg = config_lib.model_config()
   cfg.name = name
   cfg.norm = norm
-  cfg.depth = 8
-  cfg.stage_sizes = (1, 1, 1, 1)
-  cfg.width = 4
-  for field, value in overrides.items():
-    cfg[field] = value
+  reads = models.MODELS.get(name).options if name in models.MODELS else {}
+  for field, value in {**TINY, **overrides}.items():
+    if field in reads or field in overrides:
+      cfg[field] = value
   return cfg
 
 
@@ -94,9 +100,18 @@ def _uses_norm(name: str, norm: str) -> bool:
 @pytest.mark.parametrize("name", MODEL_NAMES)
 def test_sgd_step(name, norm):
   shape = SHAPES[NORM_NAMES.index(norm) % 2]
+  default_norm = config_lib.model_config().norm
+  if name in models.NORM_FREE_MODELS and norm not in (default_norm, "none"):
+    # A norm-free model reads no norm option: another norm is refused.
+    with pytest.raises(ValueError, match=rf"config\.model\.norm='{norm}' "
+                       rf"\(read by .*\): not read by model '{name}'"):
+      models.build_model(tiny_cfg(name, norm), 10)
+    return
   # Two bottleneck stages (projection, stride and every slot included): the
   # other two would only repeat them at twice the compile time.
-  model = models.build_model(tiny_cfg(name, norm, stage_sizes=(1, 1)), 10)
+  small = ({"stage_sizes": (1, 1)}
+           if "stage_sizes" in models.MODELS.get(name).options else {})
+  model = models.build_model(tiny_cfg(name, norm, **small), 10)
   x = jax.random.normal(key(0), (BATCH,) + shape)
   labels = jnp.arange(BATCH) % 10
   keeps_stats = (norm in norms.KEEPS_RUNNING_STATS
@@ -108,12 +123,12 @@ def test_sgd_step(name, norm):
       key(1), x, train=False)[0], x)
   assert out7.shape == (BATCH, 7) and out7.dtype == jnp.float32
 
-  if name in models.NORM_FREE_MODELS and norm != NORM_NAMES[0]:
-    # The norm is ignored: the model is the one already compiled for the
-    # first norm, so only check that it really is the same network.
-    first = models.build_model(
-        tiny_cfg(name, NORM_NAMES[0], stage_sizes=(1, 1)), 10)
-    assert model == first
+  if name in models.NORM_FREE_MODELS and norm != default_norm:
+    # "none" says what the model is: the network compiled for the default
+    # norm, so only check that it really is the same one.
+    default = models.build_model(
+        tiny_cfg(name, default_norm, **small), 10)
+    assert model == default
     assert "batch_stats" not in jax.eval_shape(
         lambda x: model.init(key(1), x, train=False), x)
     return
@@ -182,7 +197,7 @@ def test_both_input_shapes(name, shape):
 
 
 def test_resnet9_param_count():
-  cfg = models.default_config()
+  cfg = config_lib.model_config()
   cfg.name = "resnet9"
   n = models.count_params(models.build_model(cfg, 10), (32, 32, 3))
   convs = 9 * (3 * 64 + 64 * 128 + 2 * 128 * 128 + 128 * 256 + 256 * 512
@@ -195,7 +210,7 @@ def test_resnet9_param_count():
 def test_resnet50_param_count_matches_published_cifar_resnet50():
   # The CIFAR ResNet-50 (3x3 stem, no max-pool, 10 classes) has 23,520,842
   # parameters, BatchNorm affine included.
-  cfg = models.default_config()
+  cfg = config_lib.model_config()
   cfg.name = "resnet50"
   assert models.count_params(models.build_model(cfg, 10),
                              (32, 32, 3)) == 23_520_842
@@ -203,7 +218,7 @@ def test_resnet50_param_count_matches_published_cifar_resnet50():
 
 @pytest.mark.parametrize("depth", [14, 20])
 def test_cifar_resnet_param_count(depth):
-  cfg = models.default_config()
+  cfg = config_lib.model_config()
   cfg.name, cfg.depth = "cifar_resnet", depth
   n = (depth - 2) // 6
   expected = 27 * 16 + 2 * 16  # stem conv + norm
@@ -222,7 +237,7 @@ def test_cifar_resnet_param_count(depth):
 
 @pytest.mark.parametrize("norm,affine", [("batch", True), ("none", False)])
 def test_mnist_cnn_param_count(norm, affine):
-  cfg = models.default_config()
+  cfg = config_lib.model_config()
   cfg.norm = norm
   model = models.build_model(cfg, 10)
   convs = 9 * (1 * 8 + 8 * 16 + 8 * 16 + 16 * 16 + 16 * 16 + 8 * 16 + 16 * 16)
@@ -328,7 +343,6 @@ def test_resnet9_dropout_in_residuals_only_in_train_mode():
 def test_traced_dropout_is_nn_dropout_bit_for_bit(p):
   """Same rng, same mask and scale as nn.Dropout(p), under jit (as the
   train step runs it), with the keep probability a traced argument."""
-  import flax.linen as nn
   x = jax.random.normal(key(0), (4, 6, 6, 8))
   rngs = {"dropout": jax.random.key(3)}
   static = nn.Dropout(p, name="drop1")
@@ -596,45 +610,148 @@ def test_capture_features_unknown_layer_lists_choices():
 # Validation at build time.
 
 
-@pytest.mark.parametrize("overrides,num_classes,match", [
-    ({"name": "resnet18"}, 10,
-     "valid choices: airbench, cifar_resnet, mnist_cnn"),
-    ({"norm": "batchnorm"}, 10, "valid choices: batch, batch_flax"),
-    ({"norm_layers": 4}, 10, "norm_layers=4: set it to an integer in 0..3"),
-    ({"norm_layers": -1}, 10, "norm_layers=-1"),
-    ({"dropout_layers": 5}, 10, "dropout_layers=5: set it to an integer"),
-    ({"dropout": 1.0}, 10, r"dropout=1.0: set a probability in \[0, 1\)"),
-    ({"dropout": -0.1}, 10, "dropout=-0.1"),
-    ({"dropout_layers": 2, "dropout_per_slot": (0.1, 0.2, 0.3)}, 10,
-     "has 3 values but dropout_layers=2"),
-    ({"dropout_layers": 2, "dropout_per_slot": (0.1, 1.5)}, 10,
+@pytest.mark.parametrize("name,overrides,num_classes,match", [
+    ("resnet18", {}, 10, "valid choices: airbench, cifar_resnet, mnist_cnn"),
+    ("resnet50", {"norm": "batchnorm"}, 10, "valid choices: batch, batch_flax"),
+    ("resnet50", {"norm_layers": 4}, 10,
+     "norm_layers=4: set it to an integer in 0..3"),
+    ("resnet50", {"norm_layers": -1}, 10, "norm_layers=-1"),
+    ("resnet50", {"dropout_layers": 5}, 10,
+     "dropout_layers=5: set it to an integer"),
+    ("resnet50", {"dropout": 1.0}, 10,
+     r"dropout=1.0: set a probability in \[0, 1\)"),
+    ("mnist_cnn", {"dropout": -0.1}, 10, "dropout=-0.1"),
+    ("resnet50", {"dropout_layers": 2, "dropout_per_slot": (0.1, 0.2, 0.3)},
+     10, "has 3 values but dropout_layers=2"),
+    ("nf_resnet", {"dropout_layers": 2, "dropout_per_slot": (0.1, 1.5)}, 10,
      r"every probability must be in \[0, 1\)"),
-    ({"depth": 15}, 10, "depth = 6n\\+2"),
-    ({"depth": 2}, 10, "depth = 6n\\+2"),
-    ({"stage_sizes": ()}, 10, "stage_sizes"),
-    ({"stage_sizes": (1, 0)}, 10, "positive block counts"),
-    ({"width": 0}, 10, "width=0: set a positive integer"),
-    ({"logit_scale": 0.0}, 10, "logit_scale=0.0: set a positive number"),
-    ({"nf_alpha": -0.2}, 10, "nf_alpha=-0.2: set a positive number"),
-    ({}, 1, "num_classes=1: a classifier needs an integer >= 2"),
+    ("cifar_resnet", {"depth": 15}, 10, "depth = 6n\\+2"),
+    ("cifar_resnet", {"depth": 2}, 10, "depth = 6n\\+2"),
+    ("resnet50", {"stage_sizes": ()}, 10, "stage_sizes"),
+    ("nf_resnet", {"stage_sizes": (1, 0)}, 10, "positive block counts"),
+    ("resnet9", {"width": 0}, 10, "width=0: set a positive integer"),
+    ("airbench", {"logit_scale": 0.0}, 10,
+     "logit_scale=0.0: set a positive number"),
+    ("nf_resnet", {"nf_alpha": -0.2}, 10,
+     "nf_alpha=-0.2: set a positive number"),
+    ("airbench", {"whiten_patch": 0}, 10, "whiten_patch=0: set a positive"),
+    ("airbench", {"whiten_eps": 0.0}, 10, "whiten_eps=0.0: set a positive"),
+    ("airbench", {"dtype": "float8"}, 10,
+     "dtype='float8': valid choices: float32, bfloat16, float16"),
+    ("mnist_cnn", {"conv_impl": "im2col"}, 10, "conv_impl='im2col'"),
+    ("resnet50", {}, 1, "num_classes=1: a classifier needs an integer >= 2"),
 ])
-def test_build_model_validation(overrides, num_classes, match):
-  cfg = models.default_config()
-  cfg.name = "resnet50"
+def test_build_model_validation(name, overrides, num_classes, match):
+  cfg = config_lib.model_config()
+  cfg.name = name
   for field, value in overrides.items():
     cfg[field] = value
   with pytest.raises(ValueError, match=match):
     models.build_model(cfg, num_classes)
+  with pytest.raises(ValueError, match=match):
+    models.validate(cfg, num_classes)
+
+
+def test_every_model_option_has_a_default_and_a_reader():
+  defaults = set(config_lib.model_config())
+  read = set()
+  for name in MODEL_NAMES:
+    options = set(models.MODELS.get(name).options)
+    assert options <= defaults, (name, options - defaults)
+    assert set(models.SHARED_OPTIONS) <= options, name
+    read |= options
+  assert read == defaults, defaults - read
+  assert set(models.NORM_OPTIONS) | set(models.SHARED_OPTIONS) <= defaults
+  for family in models.DROPOUT_OPTIONS.values():
+    assert set(family) <= defaults
+
+
+@pytest.mark.parametrize("name", MODEL_NAMES)
+def test_validate_checks_only_the_chosen_models_options(name):
+  options = models.MODELS.get(name).options
+  cfg = config_lib.model_config()
+  cfg.name = name
+  models.validate(cfg, 10)
+  # Its options at the defaults and every other one at its default: fine,
+  # even one that would be bad for the model that reads it.
+  others = {"depth": 15, "width": 0, "conv_impl": "im2col",
+            "dtype": "float8", "dropout_layers": 5, "nf_alpha": -1.0}
+  for key, bad in others.items():
+    if key in options:
+      continue
+    cfg = config_lib.model_config()
+    cfg.name = name
+    cfg[key] = bad
+    with pytest.raises(ValueError) as e:
+      models.validate(cfg, 10)
+    message = str(e.value)
+    assert f"config.model.{key}={bad!r} (read by " in message, message
+    assert f"not read by model {name!r}, which takes " in message
+    assert ", ".join(sorted(options)) in message
+    assert f"{key}={config_lib.model_config()[key]!r}" in message
+
+
+def test_unread_options_are_refused_in_one_error():
+  cfg = tiny_cfg("mnist_cnn")
+  cfg.depth, cfg.stage_sizes = 8, (1, 1, 1, 1)
+  with pytest.raises(ValueError) as e:
+    models.build_model(cfg, 10)
+  message = str(e.value)
+  assert message.startswith(
+      "config.model.depth=8 (read by cifar_resnet); "
+      "config.model.stage_sizes=(1, 1, 1, 1) (read by nf_resnet, resnet50): "
+      "not read by model 'mnist_cnn', which takes conv_impl, dropout, name, "
+      "norm, norm_kwargs; set them back to their defaults (depth=14, "
+      "stage_sizes=(3, 4, 6, 3))"), message
+  cfg = tiny_cfg("airbench", dropout=0.1)
+  with pytest.raises(ValueError, match=r"config\.model\.dropout=0\.1 \(read "
+                     "by cifar_resnet, mnist_cnn, nf_resnet, resnet50, "
+                     r"resnet9\): not read by model 'airbench'"):
+    models.build_model(cfg, 10)
+  cfg = tiny_cfg("cifar_resnet", dropout_layers=2)
+  with pytest.raises(ValueError, match="dropout_layers=2 .read by nf_resnet, "
+                     "resnet50."):
+    models.build_model(cfg, 10)
+  cfg = config_lib.model_config()
+  cfg.unknown_option = 1
+  with pytest.raises(ValueError, match="unknown_option is not an option of "
+                     "any model"):
+    models.validate(cfg, 10)
+
+
+def test_norm_free_model_refuses_norm_options_but_takes_agreeing_ones():
+  # norm="none" and norm_layers=0 agree with a normalization-free model
+  # (S2 swaps resnet50 at norm_layers=0 for nf_resnet).
+  models.build_model(tiny_cfg("nf_resnet", "none", norm_layers=0), 10)
+  for field, value in (("norm", "layer"), ("norm_layers", 2)):
+    with pytest.raises(ValueError, match=rf"{field}={value!r} \(read by "
+                       r"[a-z0-9_, ]+\): not read by model 'nf_resnet'"):
+      models.build_model(tiny_cfg("nf_resnet", **{field: value}), 10)
+  cfg = tiny_cfg("nf_resnet")
+  cfg.norm_kwargs.num_groups = 2
+  with pytest.raises(ValueError,
+                     match=r"config\.model\.norm_kwargs\.num_groups=2 "):
+    models.build_model(cfg, 10)
+
+
+def test_slot_rates():
+  cfg = tiny_cfg("resnet50", dropout=0.2, dropout_layers=2)
+  assert models.slot_rates(cfg) == (0.2, 0.2)
+  assert models.slot_rates(cfg, pad=True) == (0.2, 0.2, 0.0)
+  cfg.dropout_per_slot = (0.1, 0.3)
+  assert models.slot_rates(cfg) == (0.1, 0.3)
+  assert models.build_model(cfg, 10).dropout_rates == (0.1, 0.3, 0.0)
+  assert models.slot_rates(tiny_cfg("nf_resnet")) == ()
 
 
 def test_default_config_builds_every_model():
-  cfg = models.default_config()
+  cfg = config_lib.model_config()
   assert cfg.name == "mnist_cnn" and cfg.norm == "batch"
   assert cfg.dropout_per_slot is None
-  assert set(cfg.norm_kwargs) == set(norms.norm_kwargs_config())
+  assert set(cfg.norm_kwargs) == set().union(*norms.OPTIONS.values())
   for name in MODEL_NAMES:
     cfg.name = name
-    assert isinstance(models.build_model(cfg, 10), models.nn.Module)
+    assert isinstance(models.build_model(cfg, 10), nn.Module)
 
 
 def test_mnist_cnn_with_instance_norm_cannot_see_the_input(caplog):

@@ -6,6 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from jaxreg import config as config_lib
 from jaxreg import norms
 
 SHAPES = [(8, 5, 5, 4), (16, 3, 7, 6), (4, 8)]
@@ -420,8 +421,8 @@ def test_unknown_option_refused():
 
 
 def test_norm_kwargs_config():
-  cfg = norms.norm_kwargs_config()
-  options = set().union(*(norms._OPTIONS[n] for n in norms.NORMS.names()))
+  cfg = config_lib.norm_kwargs_config()
+  options = set().union(*(norms.OPTIONS[n] for n in norms.NORMS.names()))
   assert set(cfg) == options == {
       "num_groups", "group_size", "momentum", "epsilon",
       "virtual_batch_size", "unbiased_running_var"}

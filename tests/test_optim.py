@@ -7,6 +7,7 @@ import numpy as np
 import optax
 import pytest
 
+from jaxreg import config as config_lib
 from jaxreg import optim
 
 LR = 0.1
@@ -68,7 +69,7 @@ def _grads(seed=1, spread=True):
 
 
 def _cfg(**kw):
-  c = optim.default_config()
+  c = config_lib.optimizer_config()
   c.lr = LR
   c.momentum = 0.0
   for k, v in kw.items():
@@ -104,10 +105,10 @@ def _close(got, want, rtol=2e-5, atol=1e-6):
 # --- masks ------------------------------------------------------------------
 
 def test_path_mask_default_selects_conv_and_dense_kernels():
-  mask = _flat(optim.path_mask(_nest(_params()), optim.KERNEL_REGEX))
+  mask = _flat(optim.path_mask(_nest(_params()), config_lib.KERNEL_REGEX))
   assert {k for k, v in mask.items() if v} == set(KERNELS)
   cls = _flat(optim.path_mask(_nest(_params()),
-                              optim.default_config().agc_exclude))
+                              config_lib.optimizer_config().agc_exclude))
   assert {k for k, v in cls.items() if v} == {"classifier/kernel",
                                               "classifier/bias"}
 
@@ -124,7 +125,7 @@ def test_path_mask_on_a_flax_param_tree():
       return nn.Dense(3, name="classifier")(x.mean((1, 2)))
 
   params = Net().init(jax.random.key(0), jnp.zeros((1, 4, 4, 1)))["params"]
-  flat = _flat(optim.path_mask(params, optim.KERNEL_REGEX))
+  flat = _flat(optim.path_mask(params, config_lib.KERNEL_REGEX))
   assert {k for k, v in flat.items() if v} == {"conv1/kernel",
                                                "classifier/kernel"}
   assert set(flat) == {"conv1/kernel", "conv1/bias", "norm1/scale",
@@ -386,7 +387,7 @@ def test_validation_errors(overrides, message):
 
 
 def test_default_config_is_valid_and_complete():
-  cfg = optim.default_config()
+  cfg = config_lib.optimizer_config()
   optim.validate(cfg)
   for key in ("name", "lr", "momentum", "nesterov", "weight_decay",
               "decoupled_weight_decay", "weight_decay_mask", "l1", "l1_mask",

@@ -10,17 +10,25 @@ import csv
 import json
 import math
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import matplotlib.image
 import numpy as np
 import pytest
 
+from jaxreg import config as config_lib
 from jaxreg import report
+from jaxreg import results
+from jaxreg.report import loading
+from jaxreg.report.figures import heatmaps
 
 CIFAR = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog",
          "horse", "ship", "truck"]
 AXES = ["model.norm_layers", "model.dropout_layers", "seed"]
+PAIR = ("model.norm_layers", "model.dropout_layers")
+CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 TARGET = 0.87
 EPOCHS = 4
 
@@ -133,9 +141,9 @@ VARIANTS = [
 ERROR = "RuntimeError: RESOURCE_EXHAUSTED: out of memory while allocating"
 
 
-@pytest.fixture
-def sweep_dir(tmp_path: Path) -> Path:
-  wd = tmp_path / "s1"
+def _write_sweep(wd: Path, report_spec: dict | None) -> Path:
+  """The VARIANTS sweep; `report_spec` is sweep.json's "report" entry (what
+  the study file's get_report() returned), None for a study without one."""
   variants, rows = [], []
   for name, nl, dl, seed, status, acc, sec in VARIANTS:
     ov = {"model.norm_layers": nl, "model.dropout_layers": dl, "seed": seed}
@@ -145,17 +153,24 @@ def sweep_dir(tmp_path: Path) -> Path:
     s = _write_run(wd / name, name, ov, status, acc, sec,
                    error=ERROR if status == "failed" else None)
     rows.append({"variant": name, "status": status, **ov,
-                 **{k: s.get(k) for k in report.CSV_METRIC_COLUMNS}})
-  _write_json(wd / "sweep.json", {"study": "s1_synthetic",
-                                  "config": "configs/s1.py", "axes": AXES,
-                                  "variants": variants})
-  cols = ["variant", "status", *AXES, *report.CSV_METRIC_COLUMNS]
+                 **{k: s.get(k) for k in results.SUMMARY_COLUMNS}})
+  spec = {"study": "s1_synthetic", "config": "configs/s1.py", "axes": AXES,
+          "variants": variants}
+  if report_spec is not None:
+    spec["report"] = report_spec
+  _write_json(wd / "sweep.json", spec)
+  cols = ["variant", "status", *AXES, *results.SUMMARY_COLUMNS]
   with open(wd / "summary.csv", "w", newline="") as f:
     w = csv.DictWriter(f, cols)
     w.writeheader()
     for r in rows:
       w.writerow({k: "" if r.get(k) is None else r[k] for k in cols})
   return wd
+
+
+@pytest.fixture
+def sweep_dir(tmp_path: Path) -> Path:
+  return _write_sweep(tmp_path / "s1", {"heatmaps": [list(PAIR)]})
 
 
 def _check_png(path: Path, min_kb: float = 8.0) -> None:
@@ -218,25 +233,92 @@ def test_sweep_report(sweep_dir: Path):
   assert "figure" not in text.split("## Notes")[1]  # no figure failed
 
 
-def test_heatmap_rows_say_what_they_show(sweep_dir: Path):
+def test_heatmap_rows_say_what_they_show(sweep_dir: Path, monkeypatch):
   groups = report.group_runs(report.load_study(sweep_dir))
-  _, how = report.plot_heatmaps(groups, AXES, sweep_dir / "h.png", "t")
+  h = sweep_dir / "h.png"
+  _, how = report.plot_heatmaps(groups, AXES, PAIR, h, "t")
   assert how == "cells are means over seeds"
   # With a third axis the rows are its values, or the best over it when
   # there are more combinations than rows.
   for g, extra in zip(groups, [0.2, 0.5, 0.8, 0.2]):
     g.settings["model.dropout_rate"] = extra
   axes = AXES + ["model.dropout_rate"]
-  _, how = report.plot_heatmaps(groups, axes, sweep_dir / "h.png", "t")
+  _, how = report.plot_heatmaps(groups, axes, PAIR, h, "t")
   assert how.startswith("one row per combination of dropout_rate")
-  old = report.MAX_HEATMAP_ROWS
-  try:
-    report.MAX_HEATMAP_ROWS = 2
-    _, how = report.plot_heatmaps(groups, axes, sweep_dir / "h.png", "t")
-  finally:
-    report.MAX_HEATMAP_ROWS = old
+  monkeypatch.setattr(heatmaps, "MAX_HEATMAP_ROWS", 2)
+  _, how = report.plot_heatmaps(groups, axes, PAIR, h, "t")
   assert how.startswith("each cell shows the best value over dropout_rate")
-  _check_png(sweep_dir / "h.png")
+  _check_png(h)
+  # An axis the sweep does not vary: nothing to draw.
+  assert report.plot_heatmaps(groups, AXES, ("model.width", PAIR[1]), h,
+                              "t") == (None, "")
+
+
+def _figure_names(wd: Path) -> set[str]:
+  return {p.name for p in (wd / "figures").iterdir()}
+
+
+def test_heatmaps_come_from_the_study_declaration(tmp_path: Path):
+  # No declaration: no heatmap, even over the axes that once were built in.
+  wd = _write_sweep(tmp_path / "none", None)
+  text = report.build_report(wd).read_text()
+  assert "heatmap" not in " ".join(_figure_names(wd))
+  assert "### Norm layers x dropout layers" not in text
+  # Several pairs: one file each, named after the axes. A pair with an axis
+  # this sweep does not vary (a smaller mode of the study) is skipped
+  # quietly; a misspelled one is a note.
+  wd = _write_sweep(tmp_path / "two", {"heatmaps": [
+      list(PAIR), [PAIR[1], PAIR[0]], ["model.name", PAIR[0]],
+      ["model.norm_layrs", PAIR[1]]]})
+  text = report.build_report(wd).read_text()
+  maps = sorted(n for n in _figure_names(wd) if "heatmap" in n)
+  assert maps == ["heatmap_dropout_layers_x_norm_layers.png",
+                  "heatmap_norm_layers_x_dropout_layers.png"]
+  for name in maps:
+    _check_png(wd / "figures" / name)
+    assert f"(figures/{name})" in text
+  assert "### Norm layers x dropout layers" in text
+  assert "### Dropout layers x norm layers" in text
+  assert ("over `model.dropout_layers` x `model.norm_layers`: cells are "
+          "means over seeds." in text)
+  notes = text.split("## Notes")[1]
+  assert "heatmap model.norm_layrs x model.dropout_layers not drawn" in notes
+  assert "model.name" not in notes
+  # A malformed declaration is a note, and the rest of the report stands.
+  wd = _write_sweep(tmp_path / "bad", {"heatmaps": ["model.norm_layers"]})
+  text = report.build_report(wd).read_text()
+  assert "report.heatmaps is not a list of [row axis, column axis] pairs" in (
+      text)
+  assert "heatmap" not in " ".join(_figure_names(wd))
+  assert "curves.png" in _figure_names(wd)
+
+
+def test_a_broken_figure_is_a_note(sweep_dir: Path, monkeypatch):
+  def boom(*args, **kwargs):
+    raise RuntimeError("boom")
+  monkeypatch.setattr(heatmaps, "plot_heatmaps", boom)
+  text = report.build_report(sweep_dir).read_text()
+  assert ("figure heatmaps (model.norm_layers x model.dropout_layers) "
+          "failed: RuntimeError: boom") in text
+  assert "![Training curves](figures/curves.png)" in text
+  assert "### Confusion matrix" in text and "## Figures" in text
+
+
+def test_declared_heatmaps_are_axes_of_the_study():
+  declaring = []
+  for path in sorted(CONFIGS.glob("*.py")):
+    module = config_lib.load_config_file(str(path))[0]
+    if not hasattr(module, "get_report"):
+      continue
+    declaring.append(path.name)
+    declared = module.get_report()
+    json.dumps(declared)  # it goes into sweep.json
+    assert set(declared) == {"heatmaps"}, path.name
+    keys = {k for v in module.get_sweep() for k in v}
+    for pair in declared["heatmaps"]:
+      assert isinstance(pair, list) and len(pair) == 2, (path.name, pair)
+      assert set(pair) <= keys, (path.name, pair, sorted(keys))
+  assert {"agc.py", "bn_dropout.py"} <= set(declaring)
 
 
 def test_single_run_directory_and_cli(tmp_path: Path, capsys):
@@ -321,4 +403,17 @@ def test_render_table():
   assert (report.render_table(rows, columns=["n"]) ==
           "| n |\n| ---: |\n| 3 |\n| - |")
   assert report.render_table([]) == ""
-  assert math.isnan(report._num("nan")) and report._num("") is None
+  assert math.isnan(loading.to_float("nan")) and loading.to_float("") is None
+
+
+def test_python_dash_m(tmp_path: Path):
+  wd = tmp_path / "run"
+  _write_run(wd, "run", {}, "completed", 0.98, 3.0, features=False)
+  out = subprocess.run([sys.executable, "-m", "jaxreg.report", str(wd)],
+                       capture_output=True, text=True, check=True)
+  assert out.stdout.strip() == str(wd / "report.md")
+  assert (wd / "report.md").read_text().startswith("# s1_synthetic")
+  bad = subprocess.run([sys.executable, "-m", "jaxreg.report",
+                        str(tmp_path / "nope")], capture_output=True,
+                       text=True)
+  assert bad.returncode == 2 and "not a directory" in bad.stderr

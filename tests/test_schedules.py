@@ -8,6 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from jaxreg import config as config_lib
 from jaxreg import schedules
 
 SPE = 10  # steps per epoch
@@ -18,7 +19,7 @@ STEPS = np.arange(0, TOTAL + 15)  # a few steps past the end, too
 
 
 def _cfg(name, **kw):
-  c = schedules.default_config()
+  c = config_lib.schedule_config()
   c.name = name
   for k, v in kw.items():
     c[k] = v
@@ -211,7 +212,7 @@ def test_bad_run_length_refused(base, spe, epochs, message):
 
 def test_default_config_builds_every_schedule():
   for name in schedules.SCHEDULES.names():
-    cfg = schedules.default_config()
+    cfg = config_lib.schedule_config()
     cfg.name = name
     if name in ("cosine", "warmup_linear"):
       cfg.warmup_epochs = 1.0

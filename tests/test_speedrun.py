@@ -19,11 +19,15 @@ import numpy as np
 import optax
 import pytest
 
+from jaxreg import augment
 from jaxreg import config as config_lib
 from jaxreg import data as data_lib
+from jaxreg import engine as engine_lib
 from jaxreg import models
 from jaxreg import optim
+from jaxreg import steps as steps_lib
 from jaxreg import train
+from jaxreg import validation
 from tests.helpers import ROOT
 
 # Whitening the patches of these images must undo strong correlations.
@@ -113,7 +117,7 @@ def test_whitening_kernel_refuses_float_images():
 
 
 def _airbench_cfg(width=2, norm="batch", **kw):
-  cfg = models.default_config()
+  cfg = config_lib.model_config()
   cfg.name = "airbench"
   cfg.norm = norm
   cfg.width = width
@@ -245,7 +249,7 @@ def _params():
 
 
 def _opt_cfg(**kw):
-  c = optim.default_config()
+  c = config_lib.optimizer_config()
   c.update({"lr": 0.1, "momentum": 0.9, "nesterov": True,
             "weight_decay": 0.01, "weight_decay_mask": "", **kw})
   return c
@@ -361,13 +365,13 @@ def test_tta_is_the_weighted_mean_of_logits_of_explicit_views():
                            for v in (down_right, up_left)], axis=0)),
   }
   for mode, want in expect.items():
-    got = train.tta_logits(apply_fn, {"w": jnp.asarray(w)},
+    got = augment.tta_logits(apply_fn, {"w": jnp.asarray(w)},
                            jnp.asarray(images), mode)
     np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-5)
   # Flipping changes these logits, so the test can tell the views apart.
   assert not np.allclose(expect[""], expect["flip"], atol=1e-3)
   with pytest.raises(ValueError, match="valid choices"):
-    train.tta_logits(apply_fn, {"w": w}, images, "mirror")
+    augment.tta_logits(apply_fn, {"w": w}, images, "mirror")
 
 
 # --- Lookahead weight average -----------------------------------------------
@@ -448,8 +452,8 @@ def test_lookahead_options_refused():
 
 def test_speedrun_config_validates_and_carries_airbench_numbers():
   c = _speedrun(None)
-  config_lib.validate(c)
-  config_lib.validate(_speedrun("smoke"))
+  validation.validate(c)
+  validation.validate(_speedrun("smoke"))
   # 11.5 / (1 + 1 / 0.15) and 0.0153 / 11.5 in mean-loss units.
   assert c.optimizer.lr == pytest.approx(1.5, rel=1e-12)
   assert c.optimizer.weight_decay == pytest.approx(0.0153 / 11.5, rel=1e-12)
@@ -475,7 +479,7 @@ def test_speedrun_config_validates_and_carries_airbench_numbers():
 ])
 def test_bad_speedrun_overrides_refused_at_build_time(key, value, match):
   with pytest.raises(ValueError, match=match):
-    config_lib.validate(_speedrun("smoke", **{key: value}))
+    validation.validate(_speedrun("smoke", **{key: value}))
 
 
 def _random_cifar(n_train=256, n_test=100) -> data_lib.Dataset:
@@ -503,10 +507,10 @@ def trainer():
       "train.eval_batch_size": 100, "train.ema_every": 3,
       "train.ema_start_epoch": 1, "model.whiten_images": 200})
   ds = _random_cifar()
-  t = train._Trainer(config, ds, train.make_mesh(1))
-  state = t.init_state(jax.random.key(0))
-  t.compile(state, jax.random.key(1))
-  return t, state
+  t = engine_lib.build(config, ds, steps_lib.make_mesh(1))
+  (state,), seconds = t.init([jax.random.key(0)], [jax.random.key(1)])
+  t.compile([state])
+  return t, state, seconds[0]
 
 
 def _flat(tree):
@@ -515,20 +519,20 @@ def _flat(tree):
 
 
 def test_trainer_sets_whitening_from_data_and_keeps_frozen_params(trainer):
-  t, state0 = trainer
-  ds = t.ds
+  t, state0, data_init_s = trainer
+  ds = t.steps.data.host
   np.testing.assert_array_equal(
       state0.params["whiten"]["kernel"],
       models.whitening_kernel(ds.train_images[:200], ds.mean, ds.std))
-  assert t.data_init_time_s > 0
+  assert data_init_s > 0
   before = _flat(jax.device_get(state0.params))
-  rng = jax.random.key(1)
   # Donation consumes the state: train on a copy.
-  state = jax.tree.map(jnp.copy, state0)
+  states = [jax.tree.map(jnp.copy, state0)]
   history = [before]
   for epoch in (1, 2):
-    state, _, _ = t.train_epoch(state, epoch, rng)
-    history.append(_flat(jax.device_get(state.params)))
+    states, _, _ = train.run_epoch(t, states, epoch, 2)
+    history.append(_flat(jax.device_get(states[0].params)))
+  state = states[0]
   for h in history[1:]:
     for k, v in h.items():
       if k == "whiten/kernel" or k.endswith("/scale"):
@@ -549,20 +553,21 @@ def test_trainer_sets_whitening_from_data_and_keeps_frozen_params(trainer):
 
 
 def test_trainer_evaluates_with_flip_translate_tta(trainer):
-  t, state = trainer
-  preds, losses = t.evaluate(state, "test")
-  x = (t.ds.test_images / 255.0 - t.ds.mean) / t.ds.std
+  t, state, _ = trainer
+  preds, losses = t.predictions(state, "test")
+  ds = t.steps.data.host
+  x = (ds.test_images / 255.0 - ds.mean) / ds.std
   variables = {"params": state.params, "batch_stats": state.batch_stats}
   x = jnp.asarray(x, jnp.float32)
 
   def both(variables, x):
-    return (train.tta_logits(state.apply_fn, variables, x, "flip_translate"),
+    return (augment.tta_logits(state.apply_fn, variables, x, "flip_translate"),
             state.apply_fn(variables, x, train=False))
 
   logits, plain = _fast_jit(both, variables, x)(variables, x)
   np.testing.assert_array_equal(preds, np.argmax(logits, -1))
   ref = -np.take_along_axis(np.asarray(jax.nn.log_softmax(logits)),
-                            t.ds.test_labels[:, None], 1)[:, 0]
+                            ds.test_labels[:, None], 1)[:, 0]
   np.testing.assert_allclose(losses, ref, rtol=1e-4, atol=1e-5)
   assert not np.allclose(logits, plain, atol=1e-4)
 

@@ -91,7 +91,7 @@ def test_rerun_with_changed_config_is_refused_naming_keys(tmp_path, mnist_manual
 _MULTI = textwrap.dedent("""
     import json
     import jax, numpy as np
-    from jaxreg import config as config_lib, data as data_lib, train
+    from jaxreg import config as config_lib, data as data_lib, engine, steps
     assert jax.device_count() == 8, jax.devices()
     c = config_lib.base_config()
     c.dataset.train_size = 512
@@ -104,13 +104,14 @@ _MULTI = textwrap.dedent("""
     def one_step(num_devices, **norm_kwargs):
       c.train.num_devices = num_devices
       c.model.norm_kwargs.virtual_batch_size = norm_kwargs.get("virtual_batch_size")
-      t = train._Trainer(c, ds, train.make_mesh(num_devices))
-      s0 = t.init_state(jax.random.key(0))
+      e = engine.build(c, ds, steps.make_mesh(num_devices))
+      (s0,), _ = e.init([jax.random.key(0)], [jax.random.key(1)])
       before = flat((s0.params, s0.batch_stats))
-      t.compile(s0, jax.random.key(1))
-      perm = t._perm(jax.random.key(5))
-      s, m = t._train_compiled(s0, t.train_images, t.train_labels, perm,
-                               np.int32(0), jax.random.key(1))
+      e.compile([s0])
+      d = e.steps.data
+      s, m = e.compiled.train(s0, d.train_images, d.train_labels,
+                              e.steps.perm(jax.random.key(5)), np.int32(0),
+                              jax.random.key(1))
       sharding = jax.tree.leaves(s.params)[0].sharding
       return (float(m["loss_sum"]), before, flat((s.params, s.batch_stats)),
               len(sharding.device_set), sharding.is_fully_replicated)
@@ -163,7 +164,7 @@ _SIDE = textwrap.dedent("""
     c.train.batch_size = 64
     c.train.epochs = 1
     # XLA's defaults and nn.Conv: with the YNN fusions of
-    # train.XLA_CPU_OPTIONS, or the dots of conv_impl="auto", the numbers
+    # steps.XLA_CPU_OPTIONS, or the dots of conv_impl="auto", the numbers
     # depend on how many host devices the process started with (this
     # 8-device process vs a 1-device worker: test losses differ by 1e-8 to
     # 1e-5 relative; README, "Checkpoints, resume, failures").
@@ -197,7 +198,7 @@ def test_data_parallel_run_on_two_host_devices_completes(tmp_path,
   With every step dispatched asynchronously, XLA:CPU aborted this run
   (a device waited 40 s in an all-reduce for a peer queued behind it on the
   shared thread pool); the trainer now finishes each step first on CPU with
-  several devices (train._Trainer.sync_steps).
+  several devices (steps.SpeedOptions.sync_steps).
   """
   from tests.helpers import run_launch
   out = run_launch(

@@ -8,6 +8,9 @@ import pytest
 
 from jaxreg import config as config_lib
 from jaxreg import data as data_lib
+from jaxreg import device_data
+from jaxreg import engine as engine_lib
+from jaxreg import steps as steps_lib
 from jaxreg import train
 from tests.helpers import run_launch
 
@@ -24,10 +27,10 @@ def _smoke(**overrides):
 def test_eval_counts_every_test_image_with_a_batch_that_does_not_divide(mnist_manual_dir):
   config = _smoke(**{"train.eval_batch_size": 768})  # 10000 = 13*768 + 16
   ds = data_lib.load(config.dataset)
-  trainer = train._Trainer(config, ds, train.make_mesh(1))
-  state = trainer.init_state(jax.random.key(0))
-  trainer.compile(state, jax.random.key(1))
-  preds, losses = trainer.evaluate(state, "test")
+  engine = engine_lib.build(config, ds, steps_lib.make_mesh(1))
+  (state,), _ = engine.init([jax.random.key(0)], [jax.random.key(1)])
+  engine.compile([state])
+  preds, losses = engine.predictions(state, "test")
   assert preds.shape == (10000,) and losses.shape == (10000,)
   # Against one unpadded pass over all 10,000 images.
   x = (ds.test_images.astype(np.float32) / 255 - ds.mean) / ds.std
@@ -95,14 +98,14 @@ def test_feature_quantiles_match_numpy_and_are_logged(tmp_path, mnist_manual_dir
   config = _smoke(**{"dataset.train_size": 512, "dataset.test_size": 600,
                      "train.epochs": 1, "train.feature_layer": "norm3"})
   ds = data_lib.load(config.dataset)
-  trainer = train._Trainer(config, ds, train.make_mesh(1))
-  state = trainer.init_state(jax.random.key(0))
-  trainer.compile(state, jax.random.key(1))
-  got = trainer.features(state)
-  x = (ds.test_images[:train.FEATURE_PROBE_SIZE].astype(np.float32) / 255
-       - ds.mean) / ds.std
+  engine = engine_lib.build(config, ds, steps_lib.make_mesh(1))
+  (state,), _ = engine.init([jax.random.key(0)], [jax.random.key(1)])
+  engine.compile([state])
+  (got,) = engine.features([state], [True])
+  x = (ds.test_images[:device_data.FEATURE_PROBE_SIZE].astype(np.float32)
+       / 255 - ds.mean) / ds.std
   feats = np.asarray(models.capture_features(
-      trainer.model, {"params": state.params, "batch_stats": state.batch_stats},
+      engine.steps.model, {"params": state.params, "batch_stats": state.batch_stats},
       x, "norm3"), np.float64)
   for q in (1, 20, 80, 99):
     np.testing.assert_allclose(got[f"q{q:02d}"], np.percentile(feats, q),
@@ -119,7 +122,7 @@ def test_unknown_feature_layer_lists_choices(mnist_manual_dir):
   config = _smoke(**{"train.feature_layer": "norm9"})
   ds = data_lib.load(config.dataset)
   with pytest.raises(ValueError, match=r"feature_layer='norm9'.*norm1, conv2"):
-    train._Trainer(config, ds, train.make_mesh(1))
+    engine_lib.build(config, ds, steps_lib.make_mesh(1))
 
 
 def test_agc_without_normalization_trains(tmp_path, mnist_manual_dir):
