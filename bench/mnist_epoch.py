@@ -108,10 +108,11 @@ def _child(name: str) -> dict:
   out = {"host_tuning": benchlib.HOST_TUNING}
   if name.startswith("jaxreg"):
     loop = benchlib.TrainerLoop(config, ds)
-    t = loop.trainer
+    speed = loop.engine.steps.speed
     out["note"] = (f"rng_impl={config.train.rng_impl}, compute_dtype="
-                   f"{config.train.compute_dtype}, scan_epoch={t.scan_epoch}"
-                   f", XLA options {t.compiler_options or 'default'}")
+                   f"{config.train.compute_dtype}, scan_epoch="
+                   f"{speed.scan_epoch}, XLA options "
+                   f"{speed.compiler_options or 'default'}")
   elif name.startswith("PyTorch"):
     import torch  # pylint: disable=g-import-not-at-top
     loop = torch_mnist.TorchLoop(config, ds)

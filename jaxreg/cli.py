@@ -8,6 +8,7 @@ paths are relative to the current directory (run from the repository root).
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 from absl import app
@@ -48,18 +49,28 @@ _STACK_MODE = flags.DEFINE_enum(
     "bit-identical to separate runs) or auto (loop on CPU, vmap elsewhere).")
 _REPORT = flags.DEFINE_bool(
     "report", True, "Write <workdir>/report.md and figures at the end.")
+_FAIL_ON_DIVERGED = flags.DEFINE_bool(
+    "fail_on_diverged", False, "Exit with status 3 when a variant diverged "
+    "(by default a diverged run is a result of the study: status 0).")
 
 
 def default_workdir(config_path: str) -> str:
   return os.path.join("results", Path(config_path.partition(":")[0]).stem)
 
 
-def default_shard_index() -> int:
-  """The array index a cluster scheduler gives this job, else 0."""
-  for var in ("SLURM_ARRAY_TASK_ID", "JOB_COMPLETION_INDEX"):
+SHARD_INDEX_VARS = ("SLURM_ARRAY_TASK_ID", "JOB_COMPLETION_INDEX")
+
+
+def default_shard_index() -> int | None:
+  """The array index a cluster scheduler gives this job, else None."""
+  for var in SHARD_INDEX_VARS:
     if os.environ.get(var, "").isdigit():
       return int(os.environ[var])
-  return 0
+  return None
+
+
+class Refused(ValueError):
+  """The command was refused before anything ran (exit status 2)."""
 
 
 def launch(config_path: str, *, overrides: dict | None = None,
@@ -74,6 +85,14 @@ def launch(config_path: str, *, overrides: dict | None = None,
   workdir = workdir or default_workdir(config_path)
   if shard_index is None:
     shard_index = default_shard_index()
+  if shard_index is None:
+    if num_shards > 1:
+      # Every job would silently run shard 0.
+      raise Refused(
+          f"--num_shards={num_shards} needs this job's index: pass "
+          f"--shard_index=I (0 <= I < {num_shards}) or run it as a job array "
+          f"(${' / $'.join(SHARD_INDEX_VARS)})")
+    shard_index = 0
   if not dry_run:
     from jaxreg import runtime
     runtime.setup(distributed=distributed)  # Before JAX starts a backend.
@@ -85,10 +104,14 @@ def launch(config_path: str, *, overrides: dict | None = None,
   if dry_run:
     return rows
   for r in rows:
-    logging.info("%s: %s, test accuracy %s", r["variant"], r["status"],
-                 r.get("test_accuracy"))
+    if r["status"] == "refused":
+      logging.error("%s: refused: %s", r["variant"], r["error"])
+    else:
+      logging.info("%s: %s, test accuracy %s", r["variant"], r["status"],
+                   r.get("test_accuracy"))
   import jax
-  if report and jax.process_index() == 0:
+  ran = any(r["status"] != "refused" for r in rows)
+  if report and ran and jax.process_index() == 0:
     from jaxreg import report as report_lib
     path = report_lib.build_report(workdir)
     logging.info("report: %s", path)
@@ -98,18 +121,82 @@ def launch(config_path: str, *, overrides: dict | None = None,
 def _main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  launch(config_flags.get_config_filename(flags.FLAGS["config"]),
-         overrides=config_flags.get_override_values(flags.FLAGS["config"]),
-         workdir=_WORKDIR.value, dry_run=_DRY_RUN.value,
-         variants=_VARIANTS.value, num_shards=_NUM_SHARDS.value,
-         shard_index=_SHARD_INDEX.value,
-         devices_per_run=_DEVICES_PER_RUN.value,
-         distributed=_DISTRIBUTED.value, report=_REPORT.value,
-         stack=_STACK.value, stack_mode=_STACK_MODE.value)
+  from jaxreg import sweep
+  try:
+    rows = launch(
+        config_flags.get_config_filename(flags.FLAGS["config"]),
+        overrides=config_flags.get_override_values(flags.FLAGS["config"]),
+        workdir=_WORKDIR.value, dry_run=_DRY_RUN.value,
+        variants=_VARIANTS.value, num_shards=_NUM_SHARDS.value,
+        shard_index=_SHARD_INDEX.value,
+        devices_per_run=_DEVICES_PER_RUN.value,
+        distributed=_DISTRIBUTED.value, report=_REPORT.value,
+        stack=_STACK.value, stack_mode=_STACK_MODE.value)
+  except (ValueError, KeyError, TypeError, FileNotFoundError) as e:
+    # Refusals before anything ran (unknown variant, bad shard, a config
+    # that does not load): one line; a traceback only with --verbosity.
+    if logging.get_verbosity() > logging.INFO:
+      raise
+    _refuse(e)
+  if _DRY_RUN.value:
+    sys.exit(sweep.OK)
+  sys.exit(sweep.exit_status(rows, fail_on_diverged=_FAIL_ON_DIVERGED.value))
+
+
+def _refuse(error: BaseException) -> None:
+  message = error.args[0] if isinstance(error, KeyError) and error.args \
+      else str(error)
+  print(f"jaxreg: refused: {message}", file=sys.stderr)
+  sys.exit(2)
+
+
+def _parse_flags(argv: list[str]) -> list[str]:
+  """absl's parsing, with a config override that names no field (or a value
+  of the wrong type) refused in one line instead of ml_collections'
+  traceback; `--verbosity=1` (or more) shows the traceback."""
+  try:
+    return flags.FLAGS(argv)
+  except flags.Error as e:
+    print(f"jaxreg: {e}\nPass --helpshort to list the flags.",
+          file=sys.stderr)
+    sys.exit(2)
+  except Exception as e:  # pylint: disable=broad-except
+    if any(a.startswith(("--verbosity", "-v")) and not a.endswith(("=0",
+                                                                   "=-1"))
+           for a in argv[1:]):
+      raise
+    _refuse(_explain_override(argv, e))
+  return []
+
+
+def _explain_override(argv: list[str], error: BaseException) -> Exception:
+  """A config override's failure, as a ValueError naming the key and the
+  closest valid keys."""
+  import difflib
+  from jaxreg import config as config_lib
+  path = next((a.split("=", 1)[1] for a in argv[1:]
+               if a.startswith("--config=")), None)
+  given = [a[2:].split("=", 1)[0] for a in argv[1:]
+           if a.startswith("--config.")]
+  try:
+    module, arg = config_lib.load_config_file(path)
+    valid = config_lib.dotted_keys(module.get_config(arg))
+  except Exception:  # pylint: disable=broad-except
+    return ValueError(f"{type(error).__name__}: {error}")
+  for key in given:
+    dotted = key.partition(".")[2]
+    if dotted not in valid:
+      close = difflib.get_close_matches(dotted, valid, n=3, cutoff=0.6)
+      hint = f"; did you mean {' or '.join(close)}?" if close else (
+          "; --config.<section>.<field> names a field of the config (see "
+          "jaxreg/config.py)")
+      return ValueError(f"--config.{dotted}: config {path} has no field "
+                        f"{dotted!r}{hint}")
+  return ValueError(f"{type(error).__name__}: {error}")
 
 
 def run() -> None:
   """Entry point of the `jaxreg` console script, `python -m jaxreg` and
   launch.py."""
   flags.mark_flags_as_required(["config"])
-  app.run(_main)
+  app.run(_main, flags_parser=_parse_flags)

@@ -239,12 +239,14 @@ def base_config() -> ml_collections.ConfigDict:
 # --- Dotted overrides -------------------------------------------------------
 
 
-def _keys(config: ml_collections.ConfigDict, prefix: str = "") -> list[str]:
+def dotted_keys(config: ml_collections.ConfigDict,
+                prefix: str = "") -> list[str]:
+  """Every key of `config` as a dotted path, sections included."""
   out = []
   for k, v in config.items():
     out.append(prefix + k)
     if isinstance(v, ml_collections.ConfigDict):
-      out.extend(_keys(v, prefix + k + "."))
+      out.extend(dotted_keys(v, prefix + k + "."))
   return out
 
 
@@ -265,7 +267,7 @@ def apply_overrides(config: ml_collections.ConfigDict,
   """
   # A deep copy keeps placeholder types (None-valued fields stay typed).
   config = copy.deepcopy(config)
-  valid = _keys(config)
+  valid = dotted_keys(config)
   for key, value in overrides.items():
     if key not in valid:
       close = difflib.get_close_matches(key, valid, n=3, cutoff=0.6)

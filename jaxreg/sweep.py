@@ -127,17 +127,20 @@ def _row(variant: Variant, summary: dict | None, axes: Sequence[str]) -> dict:
 
 
 def write_table(workdir: Path, variants: Sequence[Variant],
-                override_rows: dict[str, dict] | None = None) -> list[dict]:
+                refused: dict[str, dict] | None = None) -> list[dict]:
   """Rebuilds summary.csv from every variant's summary.json on disk.
 
   Reading the disk (not memory) lets shards on several machines sharing one
-  filesystem each write a complete table.
+  filesystem each write a complete table. A variant this job refused keeps
+  the row its directory gives (its old results); `refused` rows stand only
+  for variants without any.
   """
   axes = _axes(variants)
   rows = []
   for v in variants:
-    row = (override_rows or {}).get(v.name)
-    rows.append(row or _row(v, results.read_summary(workdir / v.name), axes))
+    summary = results.read_summary(workdir / v.name)
+    rows.append(_row(v, summary, axes) if summary is not None or
+                v.name not in (refused or {}) else refused[v.name])
   buf = io.StringIO()
   writer = csv.DictWriter(buf, fieldnames=["variant", "status", *axes,
                                            *SUMMARY_COLUMNS])
@@ -269,29 +272,44 @@ def run(config: str | ml_collections.ConfigDict, *,
   from jaxreg import runtime  # Imports JAX; keep dry runs light.
   runtime.setup()
   workdir = Path(workdir)
+  axes = _axes(all_variants)
   if _is_single(all_variants):
     job = prepare(study.base, all_variants[0], workdir, devices_per_run)
     if job.error is not None:
-      raise ValueError(job.error)
-    return [_row(all_variants[0], _run_jobs([job], stack_mode)[0], [])]
+      return [_row(job.variant, {"status": "refused", "error": job.error},
+                   [])]
+    try:
+      summary = _run_jobs([job], stack_mode)[0]
+    except Exception as e:  # Recorded in its summary.json.
+      logging.exception("%s failed", workdir)
+      summary = {"status": "failed", "error": f"{type(e).__name__}: {e}"}
+    return [_row(all_variants[0], summary, [])]
 
-  workdir.mkdir(parents=True, exist_ok=True)
-  results.write_json(workdir / "sweep.json", {
-      "study": study.base.name, "config": study.path,
-      "axes": _axes(all_variants),
-      "variants": [dataclasses.asdict(v) for v in all_variants],
-      "report": study.report})
-  workers = _plan_workers(devices_per_run, len(todo)) if side_by_side else []
-  if workers:
-    run_workers(workers, study.path, study.base, overrides, sweep, todo,
-                 workdir, stack=stack, stack_mode=stack_mode)
-    return [r for r in write_table(workdir, all_variants)
-            if r["variant"] in {v.name for v in todo}]
-
-  failed_rows: dict[str, dict] = {}
-  axes = _axes(all_variants)
   jobs = [prepare(study.base, v, workdir / v.name, devices_per_run)
           for v in todo]
+  refused = {j.variant.name: _row(j.variant, {"status": "refused",
+                                              "error": j.error}, axes)
+             for j in jobs if j.error is not None}
+  if len(refused) == len(jobs):
+    # Nothing to run: leave every file as it was.
+    return list(refused.values())
+  workdir.mkdir(parents=True, exist_ok=True)
+  results.write_json(workdir / "sweep.json", {
+      "study": study.base.name, "config": study.path, "axes": axes,
+      "variants": [dataclasses.asdict(v) for v in all_variants],
+      "report": study.report})
+  runnable = [j for j in jobs if j.error is None]
+  workers = (_plan_workers(devices_per_run, len(runnable)) if side_by_side
+             else [])
+  if workers:
+    run_workers(workers, study.path, study.base, overrides, sweep,
+                [j.variant for j in runnable], workdir, stack=stack,
+                stack_mode=stack_mode)
+    rows = {r["variant"]: r for r in write_table(workdir, all_variants,
+                                                  refused)}
+    rows.update(refused)
+    return [rows[v.name] for v in todo]
+
   done_count = 0
   for group in (_stack_groups(jobs) if stack else [[j] for j in jobs]):
     names = [j.variant.name for j in group]
@@ -301,23 +319,39 @@ def run(config: str | ml_collections.ConfigDict, *,
     else:
       print_fn(f"[{done_count + 1}/{len(todo)}] {names[0]}")
     done_count += len(group)
-    refused = [j for j in group if j.error is not None]
+    if any(j.error is not None for j in group):
+      continue  # Refused: nothing of it is touched (prepare logged why).
     try:
-      if refused:
-        raise ValueError(refused[0].error)
       _run_jobs(group, stack_mode, workdir)
-    except Exception as e:  # Recorded; the sweep goes on.
+    except Exception:  # Recorded in its summary.json; the sweep goes on.
       logging.exception("%s failed", ", ".join(names))
-      error = refused[0].error if refused else f"{type(e).__name__}: {e}"
-      for j in group:
-        if j.error is not None or not (j.run_dir / "summary.json").exists():
-          # Refused before its directory was touched: keep the old results.
-          failed_rows[j.variant.name] = _row(
-              j.variant, {"status": "failed", "error": error}, axes)
-    write_table(workdir, all_variants, failed_rows)
-  rows = write_table(workdir, all_variants, failed_rows)
-  done = {v.name for v in todo}
-  return [r for r in rows if r["variant"] in done]
+    write_table(workdir, all_variants, refused)
+  rows = {r["variant"]: r for r in write_table(workdir, all_variants,
+                                                refused)}
+  rows.update(refused)
+  return [rows[v.name] for v in todo]
+
+
+# Exit statuses of a job (README, "When things fail"); an interrupted run
+# exits with 128 + the signal (checkpoint.Interrupted: 143 for SIGTERM, 130
+# for SIGINT) after saving a checkpoint.
+OK, FAILED, REFUSED, DIVERGED = 0, 1, 2, 3
+
+
+def exit_status(rows: Sequence[dict], *, fail_on_diverged: bool = False
+                ) -> int:
+  """The job's exit status from the rows `run` returned: REFUSED if any
+  variant was refused, else FAILED if any failed (or is still "running" or
+  "pending" after the job: it did not finish), else DIVERGED if any diverged
+  and `fail_on_diverged`, else OK (completed, or already completed)."""
+  statuses = {r.get("status") for r in rows}
+  if "refused" in statuses:
+    return REFUSED
+  if statuses & {"failed", "running", "pending", None}:
+    return FAILED
+  if fail_on_diverged and "diverged" in statuses:
+    return DIVERGED
+  return OK
 
 
 def _run_jobs(group: Sequence[Job], stack_mode: str,
@@ -397,7 +431,9 @@ def run_workers(workers: list[dict], path: str | None,
                  base: ml_collections.ConfigDict, overrides: dict | None,
                  sweep: Sequence[dict] | None, todo: Sequence[Variant],
                  workdir: Path, *, stack: bool = False,
-                 stack_mode: str = "auto") -> None:
+                 stack_mode: str = "auto") -> list[int]:
+  """Runs `todo` round-robin in one worker process per device group;
+  returns the workers' exit codes (exit_status of each worker's share)."""
   procs: list[subprocess.Popen] = []
   with _ForwardStop(procs) as stop:
     for w, group in enumerate(workers):
@@ -424,6 +460,7 @@ def run_workers(workers: list[dict], path: str | None,
   if any(codes):
     logging.warning("worker exit codes %s (failed variants are in "
                     "summary.csv)", codes)
+  return codes
 
 
 class _ForwardStop:
@@ -469,12 +506,12 @@ def _worker_main(spec_path: str) -> int:
   from jaxreg import runtime
   runtime.setup()
   logging.set_verbosity(logging.INFO)
-  run(config, workdir=spec["workdir"], overrides=spec["overrides"],
-      sweep=spec["sweep"], variants=spec["variants"],
-      devices_per_run=spec["devices_per_run"], side_by_side=False,
-      stack=spec.get("stack", False),
-      stack_mode=spec.get("stack_mode", "auto"))
-  return 0
+  rows = run(config, workdir=spec["workdir"], overrides=spec["overrides"],
+             sweep=spec["sweep"], variants=spec["variants"],
+             devices_per_run=spec["devices_per_run"], side_by_side=False,
+             stack=spec.get("stack", False),
+             stack_mode=spec.get("stack_mode", "auto"))
+  return exit_status(rows)
 
 
 if __name__ == "__main__":

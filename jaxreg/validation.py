@@ -8,6 +8,8 @@ parsing, the PRNG by asking JAX whether it knows the implementation.
 """
 from __future__ import annotations
 
+import difflib
+
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -25,6 +27,7 @@ RNG_IMPLS = ("threefry4x32", "threefry2x32", "philox4x32")
 
 def validate(config: ml_collections.ConfigDict) -> None:
   """Raises ValueError naming the key, its value and what to change."""
+  check_known_keys(config)
   data.validate(config.dataset)
   optim.validate(config.optimizer)
   models.build_model(config.model, num_classes=10)  # Validates, cheap.
@@ -62,6 +65,40 @@ def validate(config: ml_collections.ConfigDict) -> None:
                      "fraction in (0, 1], e.g. 0.87")
   check_speed_options(t)
   check_checkpoint(config)
+  check_model_input(config)
+
+
+def check_known_keys(config: ml_collections.ConfigDict) -> None:
+  """Refuses a key that is no option of jaxreg (a study file or script that
+  set a misspelled field on an unlocked config), with the closest ones."""
+  valid = config_lib.dotted_keys(config_lib.base_config())
+  unknown = [k for k in config_lib.dotted_keys(config) if k not in valid]
+  if unknown:
+    key = unknown[0]
+    close = difflib.get_close_matches(key, valid, n=3, cutoff=0.6)
+    hint = (f"did you mean {' or '.join(close)}?" if close
+            else "jaxreg/config.py lists every option")
+    raise ValueError(f"config.{key} is not an option of jaxreg; {hint}")
+
+
+# Norms whose options constrain the channels of every layer they normalize:
+# only for these is the model traced (abstractly) at validation.
+_SHAPE_CHECKED_NORMS = ("group",)
+
+
+def check_model_input(config: ml_collections.ConfigDict) -> None:
+  """Refuses a model/norm combination that cannot work on the dataset's
+  images (e.g. num_groups not dividing some layer's channels), by tracing
+  the model's init abstractly at the dataset's input shape (no data read,
+  nothing compiled)."""
+  if config.model.norm not in _SHAPE_CHECKED_NORMS:
+    return
+  image_shape, num_classes = data.info(config.dataset)
+  model = models.build_model(config.model, num_classes)
+  key = jax.random.key(0)
+  x = jax.ShapeDtypeStruct((1,) + tuple(image_shape), jnp.float32)
+  jax.eval_shape(lambda x: model.init({"params": key, "dropout": key}, x,
+                                      train=False), x)
 
 
 def check_speed_options(t: ml_collections.ConfigDict,

@@ -1,13 +1,16 @@
 """The data layer on real MNIST (from ../shared/datasets) and mocked CIFAR."""
+import contextlib
+
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
-from jaxreg import data
+from jaxreg import config, data
+from jaxreg.data import catalog, loading, preparation
 
 
 def _cfg(**kw):
-  c = data.default_config()
+  c = config.dataset_config()
   c.update(kw)
   return c
 
@@ -72,6 +75,26 @@ def test_missing_dataset_says_which_files_to_put_where(tmp_path):
   assert str(empty) in msg
 
 
+def test_with_network_tfds_downloads_as_before(tmp_path, monkeypatch):
+  """When the probe finds the network, TFDS's own downloader runs (stopped
+  here at its first request, as there is no internet to test it with)."""
+  from tensorflow_datasets.core.download import downloader
+  monkeypatch.setattr(preparation, "unreachable", lambda *a, **k: None)
+  requested = []
+
+  @contextlib.contextmanager
+  def open_url(url, **unused_kwargs):
+    requested.append(url)
+    raise ConnectionError("stopped at the request")
+    yield  # pylint: disable=unreachable
+
+  monkeypatch.setattr(downloader, "_open_url", open_url)
+  monkeypatch.setenv("JAXREG_MANUAL_DIR", str(tmp_path))
+  with pytest.raises(data.DatasetMissingError, match="stopped at the request"):
+    data.load(_cfg(name="cifar10", data_dir=str(tmp_path / "tfds")))
+  assert requested == ["https://www.cs.toronto.edu/~kriz/cifar-10-binary.tar.gz"]
+
+
 def test_unknown_dataset_name():
   with pytest.raises(ValueError, match="unknown dataset 'minst'"):
     data.load(_cfg(name="minst", data_dir="/nonexistent"))
@@ -85,15 +108,67 @@ def test_bad_options_refused(bad):
 
 
 def test_mocked_cifar10_shapes_and_classes(tmp_path):
-  data._load_cached.cache_clear()
+  loading.load_splits.cache_clear()
   try:
     with tfds.testing.mock_data(num_examples=64):
       ds = data.load(_cfg(name="cifar10", data_dir=str(tmp_path),
                           val_fraction=0.25))
   finally:
-    data._load_cached.cache_clear()
+    loading.load_splits.cache_clear()
   assert ds.train_images.shape == (48, 32, 32, 3)
   assert ds.val_images.shape == (16, 32, 32, 3)
   # The mock builder carries no label names file; ClassLabel gives "0".."9".
   assert ds.num_classes == 10 and len(ds.class_names) == 10
   assert ds.mean.shape == (3,)
+  assert data.info(_cfg(name="cifar10")) == (ds.image_shape, ds.num_classes)
+
+
+# --- data.info: shapes without reading data. -----------------------------------
+
+
+def test_info_table_covers_every_tested_dataset():
+  assert set(catalog.SHAPES) == set(data.OFFICIAL_FILES)
+
+
+def test_info_matches_load(mnist_manual_dir):
+  for name in ("mnist", "fashion_mnist"):
+    ds = data.load(_cfg(name=name))
+    assert data.info(_cfg(name=name)) == (ds.image_shape, ds.num_classes)
+
+
+@pytest.mark.parametrize("name", ["cifar10", "cifar100", "svhn_cropped"])
+def test_info_matches_the_tfds_builders_features(name, tmp_path):
+  builder = tfds.builder(name, data_dir=str(tmp_path))
+  features = builder.info.features
+  assert data.info(_cfg(name=name)) == (tuple(features["image"].shape),
+                                        features["label"].num_classes)
+  assert not list(tmp_path.rglob("*.array_record*"))  # Nothing prepared.
+
+
+def test_info_reads_and_prepares_nothing(tmp_path, monkeypatch):
+  def refuse(*unused_args, **unused_kwargs):
+    raise AssertionError("info touched the data")
+
+  monkeypatch.setattr(loading, "load_splits", refuse)
+  monkeypatch.setattr(preparation, "builder", refuse)
+  for name in catalog.SHAPES:
+    shape, num_classes = data.info(_cfg(
+        name=name, data_dir=str(tmp_path / "none"),
+        manual_dir=str(tmp_path / "none")))
+    assert len(shape) == 3 and num_classes >= 10
+  assert not list(tmp_path.iterdir())
+
+
+def test_info_of_other_tfds_datasets_from_their_features(tmp_path):
+  assert data.info(_cfg(name="kmnist", data_dir=str(tmp_path))) == (
+      (28, 28, 1), 10)
+  assert not list(tmp_path.rglob("*.array_record*"))
+
+
+def test_info_of_an_unknown_name_raises_what_load_raises():
+  cfg = _cfg(name="minst", data_dir="/nonexistent")
+  with pytest.raises(ValueError, match="unknown dataset 'minst'") as from_info:
+    data.info(cfg)
+  with pytest.raises(ValueError) as from_load:
+    data.load(cfg)
+  assert str(from_info.value) == str(from_load.value)

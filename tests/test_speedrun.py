@@ -14,7 +14,6 @@ import math
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import optax
 import pytest
@@ -604,12 +603,12 @@ def test_smoke_runs_end_to_end_on_mocked_cifar10(tmp_path):
                                  "dataset.train_size": 256,
                                  "dataset.test_size": 100,
                                  "train.eval_batch_size": 100})
-  data_lib._load_cached.cache_clear()
+  data_lib.loading.load_splits.cache_clear()
   try:
     with tfds.testing.mock_data(num_examples=256):
       summary = train.train_and_evaluate(config, tmp_path / "run")
   finally:
-    data_lib._load_cached.cache_clear()
+    data_lib.loading.load_splits.cache_clear()
   assert summary["status"] == "completed", summary.get("error")
   assert summary["dataset"] == "cifar10" and summary["model"] == "airbench"
   assert summary["epochs_completed"] == 2
