@@ -193,8 +193,11 @@ def test_tensorboard_server_shows_every_variant_of_a_sweep(
     by_name = {g["name"]: g["hparams"] for g in groups}
     for r in rows:
       hp = next(v for k, v in by_name.items() if r["variant"] in k)
-      for key, value in r["overrides"].items():
-        assert hp[key] == value, (r["variant"], key)
+      overrides = results.read_json(tmp_path / "sweep" / r["variant"] /
+                                    "summary.json")["overrides"]
+      assert overrides
+      for key, value in overrides.items():
+        assert hp[key] == value, (r["variant"], key, hp)
   finally:
     proc.terminate()
     try:
