@@ -199,4 +199,10 @@ def run() -> None:
   """Entry point of the `jaxreg` console script, `python -m jaxreg` and
   launch.py."""
   flags.mark_flags_as_required(["config"])
+  # --helpshort lists the main module's key flags (absl keys them by
+  # sys.argv[0]: launch.py, jaxreg/__main__.py or the console script), and
+  # the flags are defined here: make them that module's too.
+  main = sys.argv[0] if sys.argv else "__main__"
+  for flag in flags.FLAGS.get_key_flags_for_module(__name__):
+    flags.FLAGS.register_key_flag_for_module(main, flag)
   app.run(_main, flags_parser=_parse_flags)

@@ -199,6 +199,14 @@ def base_config() -> ml_collections.ConfigDict:
       feature_layer=config_dict.placeholder(str),
       # Seconds between progress lines inside an epoch; 0 = per epoch only.
       log_every_s=30.0,
+      # Train loss, accuracy and LR (mean over the last N steps) go to
+      # steps.jsonl and TensorBoard every N steps (writers.py).
+      log_every_steps=100,
+      # TensorBoard event files in every run directory (writers.py).
+      tensorboard=True,
+      # "A:B": a jax.profiler trace of global steps A..B-1 into the run
+      # directory (TensorBoard's profile plugin); "" = off.
+      profile_steps="",
       # Test-time augmentation at evaluation: "" | "flip" | "flip_translate"
       # (logits averaged over views; augment.tta_logits).
       tta="",

@@ -55,7 +55,7 @@ def _umask() -> int:
 _UMASK = _umask()
 
 
-def _is_writer() -> bool:
+def is_writer() -> bool:
   """With several JAX processes (one run over several hosts), only process 0
   writes results; the others compute the same numbers."""
   import sys
@@ -63,9 +63,10 @@ def _is_writer() -> bool:
   return jax is None or jax.process_index() == 0
 
 
+
 def write_atomic(path: str | os.PathLike, data: bytes | str) -> None:
   """Writes `data` to `path` via a temporary file in the same directory."""
-  if not _is_writer():
+  if not is_writer():
     return
   path = Path(path)
   path.parent.mkdir(parents=True, exist_ok=True)
@@ -137,12 +138,14 @@ def environment() -> dict:
   import jaxlib
   import optax
 
+  import jaxreg
   from jaxreg import hostmem
   host_tuning = hostmem.state() or {
       "enabled": False, "note": "hostmem.tune() was not called in this "
       "process (runtime.setup() does it)"}
   devices = jax.devices()
   return {
+      "jaxreg": jaxreg.__version__,
       "python": platform.python_version(),
       "jax": jax.__version__,
       "jaxlib": jaxlib.__version__,
@@ -166,7 +169,8 @@ def environment() -> dict:
 # more often after a preemption).
 NON_SEMANTIC_KEYS = frozenset({
     "train.num_devices", "train.log_every_s", "checkpoint.every_epochs",
-    "checkpoint.keep", "checkpoint.keep_best"})
+    "checkpoint.keep", "checkpoint.keep_best", "train.tensorboard",
+    "train.log_every_steps", "train.profile_steps"})
 
 
 def _flatten(d: dict, prefix: str = "") -> dict:

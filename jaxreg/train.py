@@ -45,6 +45,7 @@ from jaxreg import results
 from jaxreg import runtime
 from jaxreg import steps as steps_lib
 from jaxreg import validation
+from jaxreg import writers as writers_lib
 
 
 @dataclasses.dataclass(frozen=True)
@@ -134,12 +135,15 @@ def run(plan: Plan) -> list[dict]:
   records = [record_lib.RunRecord(m.run_dir, m.config, variant=m.variant,
                                   overrides=m.overrides, stack=plan.stack)
              for m in plan.members]
+  writers = [writers_lib.MetricWriter(
+      m.run_dir, tensorboard=m.config.train.tensorboard,
+      hparams=m.overrides) for m in plan.members]
   env = results.environment()
   for r in records:
     r.start(env)
   try:
     with checkpoint.StopSignals() as stop:
-      _loop(plan, records, stop)
+      _loop(plan, records, writers, stop)
   except (KeyboardInterrupt, SystemExit) as e:
     for r in records:
       if r.summary["status"] == "running":
@@ -152,6 +156,9 @@ def run(plan: Plan) -> list[dict]:
       if r.summary["status"] == "running":
         r.failed(e)
     raise
+  finally:
+    for w in writers:
+      w.close()
   return [r.summary for r in records]
 
 
@@ -173,14 +180,18 @@ def run_epoch(engine: engine_lib.LoopEngine, states: Any, epoch: int,
               epochs: int, *, start: int = 0, step_metrics: Sequence = (),
               active: Sequence[bool] | None = None,
               should_stop: Callable[[int], Any] | None = None,
-              log_every_s: float = 0.0) -> tuple[Any, list, int]:
+              log_every_s: float = 0.0,
+              after_step: Callable[[int, Any, list], None] | None = None
+              ) -> tuple[Any, list, int]:
   """Runs steps `start`, `start + 1`, ... of (1-based) `epoch`.
 
   Returns (states, the epoch's step metrics so far, steps done). Fewer than
   steps_per_epoch steps are done when `should_stop(global step)` is true
   before one. `step_metrics` are those of the steps before `start` (from a
   checkpoint), so a resumed epoch sums the same numbers in the same order as
-  an uninterrupted one. Where the engine scans (SpeedOptions.scan_epoch), a
+  an uninterrupted one. `after_step(i, states, step_metrics)` is called
+  after step i (0-based, in the epoch; a scanned epoch: once, with the
+  last). Where the engine scans (SpeedOptions.scan_epoch), a
   whole epoch is one call (no progress lines, and a stop request waits for
   the epoch's end); a resumed epoch that starts mid-way runs its remaining
   steps one by one.
@@ -202,6 +213,8 @@ def run_epoch(engine: engine_lib.LoopEngine, states: Any, epoch: int,
     step_metrics.append(m)
     if engine.steps.speed.sync_steps:
       jax.block_until_ready(states)
+    if after_step is not None:
+      after_step(spe - 1 if scan else i, states, step_metrics)
     if not scan and time.perf_counter() - last_log > log_every_s > 0:
       jax.block_until_ready(m)
       logging.info("epoch %d/%d: step %d/%d (%.0f img/s)", epoch, epochs,
@@ -217,7 +230,61 @@ def _num_params(states: Any) -> int:
   return int(sum(x.size for x in jax.tree.leaves(params)))
 
 
+class StepHooks:
+  """What the loop does between steps: train metrics every
+  `train.log_every_steps` steps to the members' writers (fetched from the
+  device only then, so the steps between stay asynchronous), and the
+  `train.profile_steps` trace."""
+
+  def __init__(self, engine: engine_lib.LoopEngine, t: ml_collections.ConfigDict,
+               writers: Sequence[writers_lib.MetricWriter],
+               lr_schedules: Sequence[Callable], trace_dir: Path):
+    self.engine, self.writers, self.lr_schedules = engine, writers, lr_schedules
+    self.every = t.log_every_steps
+    self.profile = validation.parse_profile_steps(t.profile_steps)
+    self.trace_dir, self.tracing = trace_dir, False
+    self.epoch, self.active = 1, [True] * engine.k
+
+  def before_step(self, step: int) -> bool:
+    """Starts the trace at its first step; never asks to stop."""
+    if self.profile and not self.tracing and (
+        self.profile[0] <= step < self.profile[1]):
+      jax.profiler.start_trace(str(self.trace_dir))
+      self.tracing = True
+    return False
+
+  def after_step(self, i: int, states: Any, step_metrics: list) -> None:
+    spe = self.engine.steps.steps_per_epoch
+    first = (self.epoch - 1) * spe
+    if self.tracing and first + i + 1 >= self.profile[1]:
+      jax.block_until_ready(states)
+      jax.profiler.stop_trace()
+      self.tracing, self.profile = False, None
+    # Global step counts this call's steps end at (a scanned epoch: the
+    # whole epoch; its metrics are one stacked entry).
+    last = first + i + 1
+    new = 1 if len(step_metrics) == i + 1 else spe
+    points = [c for c in range(last - new + 1, last + 1) if c % self.every == 0]
+    if not points:
+      return
+    window = step_metrics[-self.every:]
+    for j, w in enumerate(self.writers):
+      if not self.active[j]:
+        continue
+      per = jax.device_get(self.engine.member_step_metrics(window, j))
+      for c, m in zip(points, writers_lib.window_means(per, self.every,
+                                                       last, points)):
+        w.add_step(c, self.epoch,
+                   {**m, "lr": float(self.lr_schedules[j](c - 1))})
+
+  def close(self) -> None:
+    if self.tracing:
+      jax.profiler.stop_trace()
+      self.tracing = False
+
+
 def _loop(plan: Plan, records: list[record_lib.RunRecord],
+          writers: list[writers_lib.MetricWriter],
           stop: checkpoint.StopSignals) -> None:
   cfg, k = plan.config, len(records)
   t = cfg.train
@@ -256,6 +323,8 @@ def _loop(plan: Plan, records: list[record_lib.RunRecord],
         r.summary["resumed_from_step"] = meta["step"]
       logging.info("%s: resuming from step %d (epoch %d, step %d/%d)", where,
                    meta["step"], pos.epoch, pos.step_in_epoch, spe)
+    for w in writers:
+      w.open(restored[1]["step"] if restored is not None else 0)
     pos.sessions += 1
     pos.compile_time_s += compile_time
     for j, r in enumerate(records):
@@ -273,8 +342,12 @@ def _loop(plan: Plan, records: list[record_lib.RunRecord],
                  mesh.devices.size, spe, compile_time)
 
     active = [True] * k
+    hooks = StepHooks(engine, t, writers, lr_schedules, plan.members[0].run_dir)
+    hooks.active = active
 
     def save(step: int, val_accuracy: float | None = None) -> None:
+      for w in writers:
+        w.save_steps()  # Before the checkpoint: it never runs ahead of it.
       pos.histories = [r.history for r in records]
       pos.member_step_metrics = [
           engine.member_step_metrics(step_metrics, j)
@@ -286,12 +359,15 @@ def _loop(plan: Plan, records: list[record_lib.RunRecord],
     while pos.epoch <= t.epochs and any(active):
       epoch, start = pos.epoch, pos.step_in_epoch
       t0 = time.perf_counter()
+      hooks.epoch = epoch
       states, step_metrics, done = run_epoch(
           engine, states, epoch, t.epochs, start=start,
-          step_metrics=step_metrics, active=active, should_stop=stop.requested,
-          log_every_s=t.log_every_s)
+          step_metrics=step_metrics, active=active,
+          should_stop=lambda g: hooks.before_step(g) or stop.requested(g),
+          log_every_s=t.log_every_s, after_step=hooks.after_step)
       if done < spe:  # A stop was requested before step `done`.
         jax.block_until_ready(states)
+        hooks.close()
         pos.step_in_epoch = done
         pos.epoch_time_s += time.perf_counter() - t0
         step = (epoch - 1) * spe + done
@@ -332,6 +408,7 @@ def _loop(plan: Plan, records: list[record_lib.RunRecord],
         rows[j].update(epoch_time_s=epoch_time, train_time_s=train_time,
                        images_per_s=images_per_epoch / epoch_time)
         records[j].add_epoch(rows[j])
+        writers[j].add_epoch(rows[j])
         line = format_progress(epoch, t.epochs, rows[j],
                                (t.epochs - epoch) * train_time / epoch)
         if k > 1:
@@ -344,6 +421,7 @@ def _loop(plan: Plan, records: list[record_lib.RunRecord],
                                               cfg.checkpoint.every_epochs):
         save(epoch * spe,
              val_accuracy=rows[0].get("val_accuracy") if k == 1 else None)
+    hooks.close()
 
     final = None
     for j in range(k):
@@ -353,4 +431,6 @@ def _loop(plan: Plan, records: list[record_lib.RunRecord],
         final = final or engine.evaluate(states, active)
         fulls[j] = final[j]
       records[j].completed(ds, fulls[j], pos.train_time_s, images_per_epoch)
+      writers[j].add_final(records[j].summary, (pos.epoch - 1) * spe,
+                           ds.class_names)
       active[j] = False

@@ -63,6 +63,10 @@ def validate(config: ml_collections.ConfigDict) -> None:
   if config.target_accuracy is not None and not 0 < config.target_accuracy <= 1:
     raise ValueError(f"config.target_accuracy={config.target_accuracy} is a "
                      "fraction in (0, 1], e.g. 0.87")
+  if not isinstance(t.log_every_steps, int) or t.log_every_steps < 1:
+    raise ValueError(f"config.train.log_every_steps={t.log_every_steps!r} "
+                     "must be an integer >= 1")
+  parse_profile_steps(t.profile_steps)
   check_speed_options(t)
   check_checkpoint(config)
   check_model_input(config)
@@ -99,6 +103,25 @@ def check_model_input(config: ml_collections.ConfigDict) -> None:
   x = jax.ShapeDtypeStruct((1,) + tuple(image_shape), jnp.float32)
   jax.eval_shape(lambda x: model.init({"params": key, "dropout": key}, x,
                                       train=False), x)
+
+
+def parse_profile_steps(spec: str) -> tuple[int, int] | None:
+  """`"A:B"` -> (A, B): trace global steps A..B-1; "" -> None.
+
+  Raises:
+    ValueError: not two integers 0 <= A < B.
+  """
+  if not spec:
+    return None
+  try:
+    a, b = (int(x) for x in spec.split(":"))
+  except ValueError:
+    a = b = -1
+  if not 0 <= a < b:
+    raise ValueError(
+        f"config.train.profile_steps={spec!r}: expected 'A:B' with integers "
+        "0 <= A < B (global steps A to B-1 are traced), e.g. '10:20'")
+  return a, b
 
 
 def check_speed_options(t: ml_collections.ConfigDict,

@@ -9,6 +9,9 @@ import pytest
 from jaxreg import config as config_lib
 from jaxreg import norms
 
+# Also run against the lowest supported versions (.ci/floors.txt).
+pytestmark = pytest.mark.floors
+
 SHAPES = [(8, 5, 5, 4), (16, 3, 7, 6), (4, 8)]
 EPS = 1e-5
 

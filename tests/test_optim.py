@@ -10,6 +10,9 @@ import pytest
 from jaxreg import config as config_lib
 from jaxreg import optim
 
+# Also run against the lowest supported versions (.ci/floors.txt).
+pytestmark = pytest.mark.floors
+
 LR = 0.1
 
 # Leaf paths -> shapes, in the layout models produce ("/"-joined paths).

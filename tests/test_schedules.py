@@ -11,6 +11,9 @@ import pytest
 from jaxreg import config as config_lib
 from jaxreg import schedules
 
+# Also run against the lowest supported versions (.ci/floors.txt).
+pytestmark = pytest.mark.floors
+
 SPE = 10  # steps per epoch
 EPOCHS = 24
 TOTAL = SPE * EPOCHS
