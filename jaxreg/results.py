@@ -166,7 +166,9 @@ def environment() -> dict:
 # more often after a preemption).
 NON_SEMANTIC_KEYS = frozenset({
     "train.num_devices", "train.log_every_s", "checkpoint.every_epochs",
-    "checkpoint.keep", "checkpoint.keep_best"})
+    "checkpoint.keep", "checkpoint.keep_best",
+    # How many replicas a sweep asks for: a replica's own seed is `seed`.
+    "num_seeds"})
 
 
 def _flatten(d: dict, prefix: str = "") -> dict:

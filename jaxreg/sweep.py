@@ -37,6 +37,8 @@ from jaxreg import config as config_lib
 from jaxreg import results
 
 SUMMARY_COLUMNS = results.SUMMARY_COLUMNS
+# The config key a replica of `--seeds=N` sets.
+SEED_KEY = "seed"
 # --stack_mode choices (stacked.MODES, without importing JAX here).
 STACK_MODES = ("auto", "vmap", "loop")
 
@@ -88,6 +90,37 @@ def make_variants(sweep: Iterable[dict]) -> list[Variant]:
   return variants
 
 
+def replicate(variants: Sequence[Variant], num_seeds: int) -> list[Variant]:
+  """Each variant as `num_seeds` replicas, seeds 0..num_seeds-1.
+
+  A replica is an ordinary variant named `<variant>/seed=K` (just `seed=K`
+  for a study of one unnamed run) with `seed: K` added to its overrides, so
+  it runs, stacks, skips and resumes like any other; the report groups
+  replicas by their shared settings. One seed leaves the variants as they
+  are (their run directories keep their names).
+  """
+  if isinstance(num_seeds, bool) or not isinstance(num_seeds, int) \
+      or num_seeds < 1:
+    raise ValueError(f"seeds={num_seeds!r} must be an integer >= 1 "
+                     "(--seeds / config.num_seeds / sweep.run(seeds=))")
+  if num_seeds == 1:
+    return list(variants)
+  seeded = [v.name for v in variants if SEED_KEY in v.overrides]
+  if seeded:
+    raise ValueError(f"variants {seeded} set `seed` themselves; drop the "
+                     "seed axis from the study or run without --seeds")
+  return [Variant(f"{v.name}/seed={k}" if v.overrides else f"seed={k}",
+                  {**v.overrides, SEED_KEY: k})
+          for v in variants for k in range(num_seeds)]
+
+
+def replica_base(name: str) -> str:
+  """The variant a replica name belongs to: "norm=batch/seed=2" ->
+  "norm=batch" (a name without a seed part is its own)."""
+  match = re.fullmatch(r"(.+)/seed=\d+", name)
+  return match.group(1) if match else name
+
+
 def shard(variants: Sequence[Variant], num_shards: int,
           shard_index: int) -> list[Variant]:
   """Round-robin slice: deterministic, balanced, independent of what ran."""
@@ -98,12 +131,19 @@ def shard(variants: Sequence[Variant], num_shards: int,
 
 
 def select(variants: Sequence[Variant], names: Sequence[str]) -> list[Variant]:
+  """The variants named (a variant's name selects all its replicas)."""
   by_name = {v.name: v for v in variants}
-  unknown = [n for n in names if n not in by_name]
+  by_base: dict[str, list[Variant]] = {}
+  for v in variants:
+    by_base.setdefault(replica_base(v.name), []).append(v)
+  unknown = [n for n in names if n not in by_name and n not in by_base]
   if unknown:
     raise ValueError(f"unknown variants {unknown}; this study has: "
-                     f"{', '.join(by_name)}")
-  return [by_name[n] for n in names]
+                     f"{', '.join(by_base)}")
+  chosen = [v for n in names for v in ([by_name[n]] if n in by_name
+                                       else by_base[n])]
+  # A replica named both alone and through its variant runs once.
+  return list({v.name: v for v in chosen}.values())
 
 
 # --- The table --------------------------------------------------------------
@@ -228,8 +268,9 @@ def run(config: str | ml_collections.ConfigDict, *,
         side_by_side: bool = True,
         dry_run: bool = False,
         print_fn: Callable[[str], None] = print,
-        stack: bool = False, stack_mode: str = "auto") -> list[dict]:
-  """Runs a study's variants; returns one summary row per variant.
+        stack: bool = False, stack_mode: str = "auto",
+        seeds: int | None = None) -> list[dict]:
+  """Runs a study's variants; returns one summary row per run.
 
   Args:
     config: a config file path ("configs/agc.py:smoke") or a ConfigDict.
@@ -250,6 +291,8 @@ def run(config: str | ml_collections.ConfigDict, *,
       others, and variants with a finished run or a single run's
       checkpoints, run one by one as usual. Run directories are the same.
     stack_mode: "auto", "vmap" or "loop" (see jaxreg/stacked.py).
+    seeds: run every variant for seeds 0..seeds-1 as replicas
+      `<variant>/seed=K` (see `replicate`); default `config.num_seeds`.
   """
   if devices_per_run < 0:
     raise ValueError(f"devices_per_run={devices_per_run} must be >= 0 "
@@ -258,13 +301,19 @@ def run(config: str | ml_collections.ConfigDict, *,
     raise ValueError(f"stack_mode={stack_mode!r}; valid choices: "
                      f"{', '.join(STACK_MODES)}")
   study = resolve(config, overrides, sweep)
-  all_variants = study.variants
+  num_seeds = study.base.get("num_seeds", 1) if seeds is None else seeds
+  all_variants = replicate(study.variants, num_seeds)
   todo = select(all_variants, variants) if variants else all_variants
   todo = shard(todo, num_shards, shard_index)
   if dry_run:
     for v in todo:
       print_fn(f"{v.name}  {json.dumps(v.overrides)}")
-    print_fn(f"{len(todo)} variants")
+    if num_seeds > 1:
+      print_fn(f"{len(todo)} runs (replicas of "
+               f"{len({replica_base(v.name) for v in todo})} variants, "
+               f"{num_seeds} seeds each)")
+    else:
+      print_fn(f"{len(todo)} variants")
     return [_row(v, None, _axes(all_variants)) for v in todo]
   from jaxreg import runtime  # Imports JAX; keep dry runs light.
   runtime.setup()
@@ -280,11 +329,12 @@ def run(config: str | ml_collections.ConfigDict, *,
       "study": study.base.name, "config": study.path,
       "axes": _axes(all_variants),
       "variants": [dataclasses.asdict(v) for v in all_variants],
-      "report": study.report})
+      "num_seeds": num_seeds, "report": study.report})
   workers = _plan_workers(devices_per_run, len(todo)) if side_by_side else []
   if workers:
     run_workers(workers, study.path, study.base, overrides, sweep, todo,
-                 workdir, stack=stack, stack_mode=stack_mode)
+                 workdir, stack=stack, stack_mode=stack_mode,
+                 seeds=num_seeds)
     return [r for r in write_table(workdir, all_variants)
             if r["variant"] in {v.name for v in todo}]
 
@@ -397,7 +447,7 @@ def run_workers(workers: list[dict], path: str | None,
                  base: ml_collections.ConfigDict, overrides: dict | None,
                  sweep: Sequence[dict] | None, todo: Sequence[Variant],
                  workdir: Path, *, stack: bool = False,
-                 stack_mode: str = "auto") -> None:
+                 stack_mode: str = "auto", seeds: int = 1) -> None:
   procs: list[subprocess.Popen] = []
   with _ForwardStop(procs) as stop:
     for w, group in enumerate(workers):
@@ -409,7 +459,7 @@ def run_workers(workers: list[dict], path: str | None,
               "sweep": list(sweep) if sweep else None,
               "variants": mine, "workdir": str(workdir),
               "devices_per_run": group["num_devices"],
-              "stack": stack, "stack_mode": stack_mode}
+              "stack": stack, "stack_mode": stack_mode, "seeds": seeds}
       spec_path = workdir / f".worker-{w}.json"
       results.write_json(spec_path, spec)
       logging.info("worker %d on devices %s: %d variants", w,
@@ -473,7 +523,7 @@ def _worker_main(spec_path: str) -> int:
       sweep=spec["sweep"], variants=spec["variants"],
       devices_per_run=spec["devices_per_run"], side_by_side=False,
       stack=spec.get("stack", False),
-      stack_mode=spec.get("stack_mode", "auto"))
+      stack_mode=spec.get("stack_mode", "auto"), seeds=spec.get("seeds", 1))
   return 0
 
 
