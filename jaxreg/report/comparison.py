@@ -14,6 +14,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 import io
+import json
 import math
 from typing import Any, Mapping, Sequence
 
@@ -54,20 +55,44 @@ def _matches(group: Group, spec: Any) -> bool:
   return str(spec) in names
 
 
-def find_baseline(study: Study, groups: Sequence[Group]
-                  ) -> tuple[Group | None, str]:
-  """The group the study's baseline names, and a note when it names none
-  or several."""
-  spec = study.baseline
+def find_baselines(study: Study, groups: Sequence[Group]
+                   ) -> tuple[dict[str, Group], str]:
+  """Each group's baseline (label -> Group; a baseline is not its own), and
+  a note when the study's declaration cannot be resolved.
+
+  `baseline` names one setting; with `baseline_within` (axes, e.g.
+  ["train.batch_size"]) it names one per value of those axes, and each
+  setting is compared with the baseline that shares them.
+  """
+  spec, within = study.baseline, list(study.baseline_within or ())
   if spec is None:
-    return None, ""
-  hits = [g for g in groups if _matches(g, spec)]
-  if len(hits) == 1:
-    return hits[0], ""
-  what = "no setting" if not hits else f"{len(hits)} settings"
-  return None, (f"baseline {spec!r} matches {what}; the study file's "
-                "get_report()['baseline'] must name exactly one of: "
+    return {}, ""
+  key = lambda g: tuple(json.dumps(g.settings.get(x), default=str)
+                        for x in within)
+  hits: dict[tuple, list[Group]] = {}
+  for g in groups:
+    if _matches(g, spec):
+      hits.setdefault(key(g), []).append(g)
+  many = {k: v for k, v in hits.items() if len(v) > 1}
+  if not hits or many:
+    what = ("no setting" if not hits else
+            f"{len(next(iter(many.values())))} settings")
+    return {}, (f"baseline {spec!r} matches {what}"
+                + (f" per value of {within}" if within else "")
+                + "; the study file's get_report()['baseline'] must name "
+                "exactly one (add the axes it varies along to "
+                "'baseline_within'); settings: "
                 + "; ".join(g.label for g in groups))
+  out, alone = {}, []
+  for g in groups:
+    base = hits.get(key(g), [None])[0]
+    if base is None:
+      alone.append(g.label)
+    elif base is not g:
+      out[g.label] = base
+  note = (f"no baseline shares {within} with: {'; '.join(alone)} (not "
+          "compared)") if alone else ""
+  return out, note
 
 
 @dataclasses.dataclass
@@ -75,7 +100,7 @@ class Analysis:
   """Per metric: each group's estimate and, against the baseline, its
   comparison (absent for the baseline itself)."""
   groups: list[Group]
-  baseline: Group | None
+  baseline_of: dict[str, Group]  # Group label -> its baseline.
   asked: int  # Seeds asked per setting.
   estimates: dict[str, dict[str, stats.Estimate]]  # metric -> label -> est
   comparisons: dict[str, dict[str, stats.Comparison]]
@@ -85,13 +110,24 @@ class Analysis:
   def metrics(self) -> list[stats.Metric]:
     return [stats.METRICS_BY_KEY[k] for k in self.estimates]
 
+  @property
+  def baselines(self) -> list[Group]:
+    """The baseline groups, in study order."""
+    ids = {id(b) for b in self.baseline_of.values()}
+    return [g for g in self.groups if id(g) in ids]
+
+  @property
+  def baseline(self) -> Group | None:
+    """The first baseline (None without one)."""
+    return (self.baselines or [None])[0]
+
   def incomplete(self, g: Group) -> bool:
     return len(g.completed) < max(self.asked, len(g.runs))
 
 
 def analyse(study: Study, groups: Sequence[Group]) -> Analysis:
   """Estimates and comparisons of every metric that some group has."""
-  baseline, note = find_baseline(study, groups)
+  baseline_of, note = find_baselines(study, groups)
   notes = [note] if note else []
   estimates: dict[str, dict[str, stats.Estimate]] = {}
   comparisons: dict[str, dict[str, stats.Comparison]] = {}
@@ -102,10 +138,18 @@ def analyse(study: Study, groups: Sequence[Group]) -> Analysis:
       continue
     est = stats.censored if metric.censored else stats.estimate
     estimates[metric.key] = {k: est(v) for k, v in per.items()}
-    if baseline is not None and baseline.label in per and len(per) > 1:
-      comparisons[metric.key] = stats.compare_all(per, baseline.label, metric)
-  return Analysis(list(groups), baseline, study.num_seeds, estimates,
+    pairs = {k: (v, per[baseline_of[k].label]) for k, v in per.items()
+             if k in baseline_of and baseline_of[k].label in per}
+    if pairs:
+      comparisons[metric.key] = stats.compare_pairs(pairs, metric)
+  return Analysis(list(groups), baseline_of, study.num_seeds, estimates,
                   comparisons, notes)
+
+
+def baseline_words(a: Analysis) -> str:
+  """"norm=batch", or "its own of: A; B" for one baseline per stratum."""
+  names = [g.label for g in a.baselines]
+  return names[0] if len(names) == 1 else "its own of: " + "; ".join(names)
 
 
 def fmt_estimate(e: stats.Estimate, metric: stats.Metric,
@@ -159,7 +203,7 @@ def comparison_rows(a: Analysis) -> list[dict[str, Any]]:
     c = a.comparisons.get(key, {}).get(g.label)
     seeds = f"{len(g.completed)}/{max(a.asked, len(g.runs))}"
     row: dict[str, Any] = {
-        "setting": g.label + (" (baseline)" if g is a.baseline else ""),
+        "setting": g.label + (" (baseline)" if g in a.baselines else ""),
         "seeds": seeds + (" (incomplete)" if a.incomplete(g) else ""),
         "test acc (%) mean ± std [95% CI]": (
             fmt_estimate(est, metric, 2) if est else "-")}
@@ -208,7 +252,9 @@ def csv_rows(study: Study, a: Analysis) -> list[dict[str, Any]]:
                 else fmt_value(g.settings.get(x)) for x in other})
     row.update({"seeds_completed": len(g.completed),
                 "seeds_asked": max(a.asked, len(g.runs)),
-                "baseline": g is a.baseline})
+                "baseline": g in a.baselines,
+                "baseline_of": (a.baseline_of[g.label].label
+                                if g.label in a.baseline_of else "")})
     for m in a.metrics:
       e = a.estimates[m.key].get(g.label)
       k = m.key

@@ -206,6 +206,8 @@ class Study:
   # The study file's baseline (get_report()["baseline"]: dotted overrides or
   # a variant name), None when it names none.
   baseline: Any = None
+  # Axes along which the baseline repeats (get_report()["baseline_within"]).
+  baseline_within: list = dataclasses.field(default_factory=list)
   # Seeds the sweep asked for per variant (sweep.json "num_seeds").
   num_seeds: int = 1
 
@@ -312,7 +314,7 @@ def _load_sweep(workdir: Path, notes: list[str]) -> Study:
   num_seeds = spec.get("num_seeds")
   return Study(workdir, str(name), axes, runs, True, notes,
                declared_heatmaps(spec, runs, notes), report.get("baseline"),
-               num_seeds if isinstance(num_seeds, int) and num_seeds > 0
+               list(report.get("baseline_within") or ()), num_seeds if isinstance(num_seeds, int) and num_seeds > 0
                else 1)
 
 

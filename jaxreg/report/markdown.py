@@ -83,7 +83,8 @@ def _statistics(a: comparison.Analysis) -> list[str]:
     md += ["", "The study file names no baseline (get_report()['baseline'])"
            ", so no setting is tested against another."]
   else:
-    md += ["", f"Each setting against the baseline **{a.baseline.label}**: "
+    md += ["", f"Each setting against the baseline "
+           f"**{comparison.baseline_words(a)}**: "
            "Δ = setting - baseline (accuracy in percentage points) with the "
            "Welch t interval and a percentile bootstrap interval (9,999 "
            "resamples, each sample resampled on its own); two-sided Welch "

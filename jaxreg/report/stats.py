@@ -211,25 +211,32 @@ def _sign(a: Sequence[float | None], b: Sequence[float | None]) -> float:
   return 0.0 if ca == cb else (1.0 if ca > cb else -1.0)
 
 
-def compare_all(samples: Mapping[str, Sequence[float | None]], baseline: str,
-                metric: Metric, level: float = LEVEL
-                ) -> dict[str, Comparison]:
-  """Every sample but the baseline against it, Holm over the family.
+def compare_pairs(pairs: Mapping[str, tuple[Sequence[float | None],
+                                            Sequence[float | None]]],
+                  metric: Metric, level: float = LEVEL
+                  ) -> dict[str, Comparison]:
+  """Each (variant sample, its baseline sample), Holm over the family.
 
   Args:
-    samples: variant label -> its values over seeds (None = never reached,
-      for censored metrics).
-    baseline: the label of the baseline sample.
+    pairs: variant label -> (its values over seeds, its baseline's values);
+      None = never reached, for censored metrics.
     metric: what the values are (direction of "better").
     level: confidence level; the tests use alpha = 1 - level.
   """
-  if baseline not in samples:
-    raise ValueError(f"baseline {baseline!r} is not among {list(samples)}")
-  base = samples[baseline]
   # Seeded per variant (by position) so reports are reproducible.
-  raw = {k: compare(v, base, level, seed=i)
-         for i, (k, v) in enumerate(samples.items()) if k != baseline}
+  raw = {k: compare(a, b, level, seed=i)
+         for i, (k, (a, b)) in enumerate(pairs.items())}
   adjusted = holm([c.p for c in raw.values()])
   return {k: dataclasses.replace(c, p_holm=p_adj, verdict=verdict(
-      p_adj, _sign(samples[k], base), metric, 1 - level))
+      p_adj, _sign(*pairs[k]), metric, 1 - level))
           for (k, c), p_adj in zip(raw.items(), adjusted)}
+
+
+def compare_all(samples: Mapping[str, Sequence[float | None]], baseline: str,
+                metric: Metric, level: float = LEVEL
+                ) -> dict[str, Comparison]:
+  """Every sample but the baseline against it (`compare_pairs`)."""
+  if baseline not in samples:
+    raise ValueError(f"baseline {baseline!r} is not among {list(samples)}")
+  return compare_pairs({k: (v, samples[baseline]) for k, v in samples.items()
+                        if k != baseline}, metric, level)

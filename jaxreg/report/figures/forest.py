@@ -7,6 +7,7 @@ from pathlib import Path
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 
+from jaxreg.report import comparison
 from jaxreg.report import stats
 from jaxreg.report.figures import common
 from jaxreg.report.figures.registry import Context, Drawn, FigureSpec
@@ -32,7 +33,7 @@ def plot_forest(ctx: Context, path: Path) -> tuple[Path | None, str]:
   keys = _panels(ctx)
   if not keys:
     return None, ""
-  others = [g for g in a.groups if g is not a.baseline]
+  others = [g for g in a.groups if g.label in a.baseline_of]
   height = 1.2 + 0.45 * len(others)
   fig = Figure(figsize=(5.2 * len(keys), height + 1.2), layout="constrained")
   axs = fig.subplots(1, len(keys), sharey=True, squeeze=False)[0]
@@ -68,7 +69,7 @@ def plot_forest(ctx: Context, path: Path) -> tuple[Path | None, str]:
                           mec="black", ms=7))
     labels.append(f"mean Δ, {verdict} (Holm, 5%)")
   fig.suptitle(f"{ctx.title}: difference to the baseline "
-               f"{a.baseline.label}", fontsize=12)
+               f"{comparison.baseline_words(a)}", fontsize=12)
   common.legend_below(fig, handles, labels)
   return common.save(fig, path), ", ".join(keys)
 
@@ -81,7 +82,8 @@ def _draw(ctx: Context, item) -> Drawn | None:
 
 def _caption(ctx: Context, drawn: Drawn) -> str:
   return (f"Mean difference of each setting to the baseline "
-          f"({ctx.analysis.baseline.label}) over seeds, per metric "
+          f"({comparison.baseline_words(ctx.analysis)}) over seeds, per "
+          "metric "
           f"({drawn.detail}): thick bar = Welch t 95% interval, thin bar = "
           "percentile bootstrap 95% interval, marker = verdict of the "
           "Holm-corrected Welch test. Accuracy differences in percentage "
