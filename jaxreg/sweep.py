@@ -34,11 +34,10 @@ import ml_collections
 from absl import logging
 
 from jaxreg import config as config_lib
+from jaxreg import replicas
 from jaxreg import results
 
 SUMMARY_COLUMNS = results.SUMMARY_COLUMNS
-# The config key a replica of `--seeds=N` sets.
-SEED_KEY = "seed"
 # --stack_mode choices (stacked.MODES, without importing JAX here).
 STACK_MODES = ("auto", "vmap", "loop")
 
@@ -91,34 +90,9 @@ def make_variants(sweep: Iterable[dict]) -> list[Variant]:
 
 
 def replicate(variants: Sequence[Variant], num_seeds: int) -> list[Variant]:
-  """Each variant as `num_seeds` replicas, seeds 0..num_seeds-1.
-
-  A replica is an ordinary variant named `<variant>/seed=K` (just `seed=K`
-  for a study of one unnamed run) with `seed: K` added to its overrides, so
-  it runs, stacks, skips and resumes like any other; the report groups
-  replicas by their shared settings. One seed leaves the variants as they
-  are (their run directories keep their names).
-  """
-  if isinstance(num_seeds, bool) or not isinstance(num_seeds, int) \
-      or num_seeds < 1:
-    raise ValueError(f"seeds={num_seeds!r} must be an integer >= 1 "
-                     "(--seeds / config.num_seeds / sweep.run(seeds=))")
-  if num_seeds == 1:
-    return list(variants)
-  seeded = [v.name for v in variants if SEED_KEY in v.overrides]
-  if seeded:
-    raise ValueError(f"variants {seeded} set `seed` themselves; drop the "
-                     "seed axis from the study or run without --seeds")
-  return [Variant(f"{v.name}/seed={k}" if v.overrides else f"seed={k}",
-                  {**v.overrides, SEED_KEY: k})
-          for v in variants for k in range(num_seeds)]
-
-
-def replica_base(name: str) -> str:
-  """The variant a replica name belongs to: "norm=batch/seed=2" ->
-  "norm=batch" (a name without a seed part is its own)."""
-  match = re.fullmatch(r"(.+)/seed=\d+", name)
-  return match.group(1) if match else name
+  """Each variant as `num_seeds` replicas `<variant>/seed=K` (replicas.py)."""
+  return [Variant(n, o) for v in variants
+          for n, o in replicas.replicas(v.name, v.overrides, num_seeds)]
 
 
 def shard(variants: Sequence[Variant], num_shards: int,
@@ -133,17 +107,7 @@ def shard(variants: Sequence[Variant], num_shards: int,
 def select(variants: Sequence[Variant], names: Sequence[str]) -> list[Variant]:
   """The variants named (a variant's name selects all its replicas)."""
   by_name = {v.name: v for v in variants}
-  by_base: dict[str, list[Variant]] = {}
-  for v in variants:
-    by_base.setdefault(replica_base(v.name), []).append(v)
-  unknown = [n for n in names if n not in by_name and n not in by_base]
-  if unknown:
-    raise ValueError(f"unknown variants {unknown}; this study has: "
-                     f"{', '.join(by_base)}")
-  chosen = [v for n in names for v in ([by_name[n]] if n in by_name
-                                       else by_base[n])]
-  # A replica named both alone and through its variant runs once.
-  return list({v.name: v for v in chosen}.values())
+  return [by_name[n] for n in replicas.expand_names(list(by_name), names)]
 
 
 # --- The table --------------------------------------------------------------
@@ -308,12 +272,7 @@ def run(config: str | ml_collections.ConfigDict, *,
   if dry_run:
     for v in todo:
       print_fn(f"{v.name}  {json.dumps(v.overrides)}")
-    if num_seeds > 1:
-      print_fn(f"{len(todo)} runs (replicas of "
-               f"{len({replica_base(v.name) for v in todo})} variants, "
-               f"{num_seeds} seeds each)")
-    else:
-      print_fn(f"{len(todo)} variants")
+    print_fn(replicas.count_line([v.name for v in todo], num_seeds))
     return [_row(v, None, _axes(all_variants)) for v in todo]
   from jaxreg import runtime  # Imports JAX; keep dry runs light.
   runtime.setup()

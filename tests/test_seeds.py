@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from jaxreg import replicas
 from jaxreg import report
 from jaxreg import sweep
 from jaxreg.report import comparison
@@ -42,7 +43,7 @@ def test_replicas_are_named_seeded_variants():
   assert sweep.replicate(vs, 1) == vs  # One seed: names unchanged.
   single = sweep.replicate(sweep.make_variants([{}]), 2)
   assert [r.name for r in single] == ["seed=0", "seed=1"]
-  assert sweep.replica_base("norm=batch/seed=2") == "norm=batch"
+  assert replicas.replica_base("norm=batch/seed=2") == "norm=batch"
   # A variant's name selects all its replicas; a replica name just itself.
   picked = sweep.select(reps, ["norm=layer", "norm=batch/seed=0"])
   assert [r.name for r in picked] == ["norm=layer/seed=0", "norm=layer/seed=1",
@@ -56,7 +57,7 @@ def test_bad_seed_counts_are_refused(bad):
 
 
 def test_a_seed_axis_and_seeds_together_are_refused():
-  with pytest.raises(ValueError, match=r"set `seed` themselves"):
+  with pytest.raises(ValueError, match=r"variant seed=0 sets `seed` itself"):
     sweep.replicate(sweep.make_variants([{"seed": 0}, {"seed": 1}]), 2)
 
 
