@@ -40,7 +40,10 @@ def replicas(name: str, overrides: dict, num_seeds: int
 
 def replica_base(name: str) -> str:
   """The variant a replica name belongs to: "norm=batch/seed=2" ->
-  "norm=batch" (a name without a seed part is its own)."""
+  "norm=batch", "seed=2" -> "default" (the one unnamed run's name, as
+  sweep.variant_name gives it); a name without a seed part is its own."""
+  if re.fullmatch(r"seed=\d+", name):
+    return "default"
   match = re.fullmatch(r"(.+)/seed=\d+", name)
   return match.group(1) if match else name
 
@@ -66,6 +69,6 @@ def count_line(names: Sequence[str], num_seeds: int) -> str:
   each)", or "N variants" for one seed."""
   if num_seeds == 1:
     return f"{len(names)} variants"
-  return (f"{len(names)} runs (replicas of "
-          f"{len({replica_base(n) for n in names})} variants, {num_seeds} "
-          "seeds each)")
+  k = len({replica_base(n) for n in names})
+  return (f"{len(names)} runs (replicas of {k} variant{'s' * (k != 1)}, "
+          f"{num_seeds} seeds each)")

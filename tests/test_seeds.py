@@ -43,6 +43,9 @@ def test_replicas_are_named_seeded_variants():
   assert sweep.replicate(vs, 1) == vs  # One seed: names unchanged.
   single = sweep.replicate(sweep.make_variants([{}]), 2)
   assert [r.name for r in single] == ["seed=0", "seed=1"]
+  assert replicas.replica_base("seed=1") == "default"
+  assert replicas.count_line([r.name for r in single], 2) == (
+      "2 runs (replicas of 1 variant, 2 seeds each)")
   assert replicas.replica_base("norm=batch/seed=2") == "norm=batch"
   # A variant's name selects all its replicas; a replica name just itself.
   picked = sweep.select(reps, ["norm=layer", "norm=batch/seed=0"])

@@ -267,9 +267,10 @@ def _caption(ctx: Context, drawn: Drawn) -> str:
           "not run, failed, or never reached the target.")
   _, baselines = _verdicts(ctx)
   if baselines:
-    text += (" In the accuracy panel the baseline"
-             f"{'s' if len(baselines) > 1 else ''} ({'; '.join(baselines)}) "
-             "are outlined in red, and hatched cells marked ≈ are not "
+    several = len(baselines) > 1
+    text += (f" In the accuracy panel the baseline{'s' if several else ''} "
+             f"({'; '.join(baselines)}) {'are' if several else 'is'} "
+             "outlined in red, and hatched cells marked ≈ are not "
              "distinguishable from their baseline (Holm-corrected Welch "
              "test, 5%).")
   return text
