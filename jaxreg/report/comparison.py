@@ -208,17 +208,20 @@ def comparison_rows(a: Analysis) -> list[dict[str, Any]]:
         "test acc (%) mean ± std [95% CI]": (
             fmt_estimate(est, metric, 2) if est else "-")}
     if a.baseline is not None:
+      # The baseline's own row says so; a setting without a comparison
+      # (no seeds yet, no baseline in its stratum) shows "-".
+      none = "baseline" if g in a.baselines else "-"
       welch, boot = fmt_diff(c, metric, 2) if c else ("-", "-")
       row.update({"Δ acc (pp) [Welch 95% CI]": welch,
                   "Δ [bootstrap 95% CI]": boot,
                   "p (Welch)": _p(c.p) if c else "-",
                   "p (Holm)": _p(c.p_holm) if c else "-",
-                  "test accuracy": c.verdict if c else "baseline"})
+                  "test accuracy": c.verdict if c else none})
       for k in ("test_loss", "test_macro_f1", "epochs_to_target"):
         cc = a.comparisons.get(k, {}).get(g.label)
         if k in a.comparisons:
           row[stats.METRICS_BY_KEY[k].label.split(" (")[0]] = (
-              cc.verdict if cc else "baseline")
+              cc.verdict if cc else none)
     rows.append(row)
   return rows
 

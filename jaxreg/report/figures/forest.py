@@ -52,6 +52,7 @@ def plot_forest(ctx: Context, path: Path) -> tuple[Path | None, str]:
       ax.plot([c.diff * s], [y], marker=VERDICT_MARKERS.get(c.verdict, "s"),
               color=g.color, ms=8, mec="black", zorder=3)
     ax.axvline(0, color="black", lw=0.8, ls="--")
+    ax.set_ylim(-0.6, len(others) - 0.4)  # Room for the outer markers.
     unit = " (pp)" if s == 100 else ""
     ax.set_xlabel(f"Δ {metric.label.split(' (')[0]}{unit}: setting - "
                   "baseline")
