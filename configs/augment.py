@@ -114,3 +114,14 @@ def get_sweep(arg: str | None = None) -> list[dict]:
     return [{"augment": "|".join(filter(None, (TRANSFORMS, e)))}
             for e in extras]
   return _s1_final_models(smoke)
+
+
+def get_report(arg: str | None = None) -> dict:
+  """The baseline of the comparisons over seeds: S1's unregularized
+  network (no BN, no dropout, no augmentation); with `s5`, DavidNet's
+  standard pad-crop-flip."""
+  args = config_lib.parse_args(arg, ARGS, __file__)
+  if "s5" in args:
+    return {"baseline": {"augment": "pad_crop(pad=4,mode='reflect')|flip"}}
+  return {"baseline": {"model.norm_layers": 0, "model.dropout_layers": 0,
+                       "augment": ""}}

@@ -70,3 +70,11 @@ def get_sweep(arg: str | None = None) -> list[dict]:
                              / recipe.train.batch_size)
       variants.append(v)
   return variants
+
+
+def get_report(arg: str | None = None) -> dict:
+  """The baseline of the comparisons over seeds: BatchNorm at each batch
+  size, so GN is compared with BN at the same batch."""
+  config_lib.parse_args(arg, ARGS, __file__)
+  return {"baseline": {"model.norm": "batch"},
+          "baseline_within": ["train.batch_size"]}

@@ -121,6 +121,10 @@ def get_sweep(arg: str | None = None) -> list[dict]:
 
 
 def get_report(arg: str | None = None) -> dict:
-  """The report's heatmaps: S1's norm_layers x dropout_layers grid."""
+  """The report's heatmaps (S1's norm_layers x dropout_layers grid) and the
+  baseline of its comparisons over seeds: the normalization- and
+  dropout-free network, at each batch size (S1's grids are per batch)."""
   config_lib.parse_args(arg, ARGS, __file__)
-  return {"heatmaps": [["model.norm_layers", "model.dropout_layers"]]}
+  return {"heatmaps": [["model.norm_layers", "model.dropout_layers"]],
+          "baseline": {"model.norm_layers": 0, "model.dropout_layers": 0},
+          "baseline_within": ["train.batch_size"]}

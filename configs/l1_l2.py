@@ -61,3 +61,16 @@ def get_sweep(arg: str | None = None) -> list[dict]:
       {"model.norm": "layer", "optimizer.l1": 0.0,
        "optimizer.weight_decay": 1e-3},
   ]
+
+
+def get_report(arg: str | None = None) -> dict:
+  """The baseline every variant is compared with: GN + L1.
+
+  S3 has no unregularized variant, and its open question is whether GN + L1
+  (one group's winner, 99.14%) or LN + L2 (the other group's, and jaxreg's
+  single-seed best) is better. With GN + L1 as the baseline, the LN + L2 row
+  tests that dispute directly, and the BN + L1 + L2 row says whether
+  BatchNorm with both penalties differs from it.
+  """
+  config_lib.parse_args(arg, ARGS, __file__)
+  return {"baseline": {"model.norm": "group"}}

@@ -120,3 +120,10 @@ def get_sweep(arg: str | None = None) -> list[dict]:
     recipe["augment"] = ""
   norms = SMOKE_NORMS if "smoke" in args else NORMS
   return [{**norm_variant(n), **recipe} for n in norms]
+
+
+def get_report(arg: str | None = None) -> dict:
+  """The baseline of the comparisons over seeds: jaxreg's own BatchNorm
+  (S4's reference; the built-in one must agree with it)."""
+  config_lib.parse_args(arg, ARGS, __file__)
+  return {"baseline": {"model.norm": "batch"}}

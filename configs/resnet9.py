@@ -98,3 +98,10 @@ def get_sweep(arg: str | None = None) -> list[dict]:
   args = config_lib.parse_args(arg, ARGS, __file__)
   names = SMOKE_SCHEDULES if "smoke" in args else SCHEDULES
   return config_lib.product(optimizer__schedule__name=names)
+
+
+def get_report(arg: str | None = None) -> dict:
+  """The baseline of the comparisons over seeds: DavidNet's one-cycle
+  schedule, against which S5 compares the cyclic policies."""
+  config_lib.parse_args(arg, ARGS, __file__)
+  return {"baseline": {"optimizer.schedule.name": "onecycle"}}

@@ -47,6 +47,10 @@ _STACK_MODE = flags.DEFINE_enum(
     "stack_mode", "auto", ["auto", "vmap", "loop"], "With --stack: vmap "
     "(one batched program), loop (one compiled step, members in turn; "
     "bit-identical to separate runs) or auto (loop on CPU, vmap elsewhere).")
+_SEEDS = flags.DEFINE_integer(
+    "seeds", None, "Run every variant for seeds 0..N-1 as replicas "
+    "<variant>/seed=K (default: config.num_seeds, 1); the report gives "
+    "means, confidence intervals and tests against the study's baseline.")
 _REPORT = flags.DEFINE_bool(
     "report", True, "Write <workdir>/report.md and figures at the end.")
 _FAIL_ON_DIVERGED = flags.DEFINE_bool(
@@ -78,7 +82,8 @@ def launch(config_path: str, *, overrides: dict | None = None,
            variants: list[str] | None = None, num_shards: int = 1,
            shard_index: int | None = None, devices_per_run: int = 0,
            distributed: bool = False, report: bool = True,
-           stack: bool = False, stack_mode: str = "auto") -> list[dict]:
+           stack: bool = False, stack_mode: str = "auto",
+           seeds: int | None = None) -> list[dict]:
   """What the command does once its flags are parsed: set up the process,
   run the study's variants, write the report. Returns the summary rows."""
   from jaxreg import sweep  # After absl parsed the flags.
@@ -100,7 +105,8 @@ def launch(config_path: str, *, overrides: dict | None = None,
   rows = sweep.run(config_path, workdir=workdir, overrides=overrides,
                    variants=variants, num_shards=num_shards,
                    shard_index=shard_index, devices_per_run=devices_per_run,
-                   dry_run=dry_run, stack=stack, stack_mode=stack_mode)
+                   dry_run=dry_run, stack=stack, stack_mode=stack_mode,
+                   seeds=seeds)
   if dry_run:
     return rows
   for r in rows:
@@ -131,7 +137,8 @@ def _main(argv):
         shard_index=_SHARD_INDEX.value,
         devices_per_run=_DEVICES_PER_RUN.value,
         distributed=_DISTRIBUTED.value, report=_REPORT.value,
-        stack=_STACK.value, stack_mode=_STACK_MODE.value)
+        stack=_STACK.value, stack_mode=_STACK_MODE.value,
+        seeds=_SEEDS.value)
   except (ValueError, KeyError, TypeError, FileNotFoundError) as e:
     # Refusals before anything ran (unknown variant, bad shard, a config
     # that does not load): one line; a traceback only with --verbosity.

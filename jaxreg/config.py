@@ -182,6 +182,8 @@ def base_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.name = "run"  # The study's name, shown in reports.
   c.seed = 0
+  # Replicas per variant a sweep runs (seeds 0..num_seeds-1; --seeds=N).
+  c.num_seeds = 1
   c.dataset = dataset_config()
   c.model = model_config()
   c.optimizer = optimizer_config()

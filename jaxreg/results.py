@@ -170,7 +170,9 @@ def environment() -> dict:
 NON_SEMANTIC_KEYS = frozenset({
     "train.num_devices", "train.log_every_s", "checkpoint.every_epochs",
     "checkpoint.keep", "checkpoint.keep_best", "train.tensorboard",
-    "train.log_every_steps", "train.profile_steps"})
+    "train.log_every_steps", "train.profile_steps",
+    # How many replicas a sweep asks for: a replica's own seed is `seed`.
+    "num_seeds"})
 
 
 def _flatten(d: dict, prefix: str = "") -> dict:

@@ -23,10 +23,7 @@ import io
 import json
 import os
 import re
-import signal
-import subprocess
 import sys
-import threading
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
@@ -34,7 +31,9 @@ import ml_collections
 from absl import logging
 
 from jaxreg import config as config_lib
+from jaxreg import replicas
 from jaxreg import results
+from jaxreg import workers as workers_lib
 
 SUMMARY_COLUMNS = results.SUMMARY_COLUMNS
 # --stack_mode choices (stacked.MODES, without importing JAX here).
@@ -88,6 +87,12 @@ def make_variants(sweep: Iterable[dict]) -> list[Variant]:
   return variants
 
 
+def replicate(variants: Sequence[Variant], num_seeds: int) -> list[Variant]:
+  """Each variant as `num_seeds` replicas `<variant>/seed=K` (replicas.py)."""
+  return [Variant(n, o) for v in variants
+          for n, o in replicas.replicas(v.name, v.overrides, num_seeds)]
+
+
 def shard(variants: Sequence[Variant], num_shards: int,
           shard_index: int) -> list[Variant]:
   """Round-robin slice: deterministic, balanced, independent of what ran."""
@@ -98,12 +103,9 @@ def shard(variants: Sequence[Variant], num_shards: int,
 
 
 def select(variants: Sequence[Variant], names: Sequence[str]) -> list[Variant]:
+  """The variants named (a variant's name selects all its replicas)."""
   by_name = {v.name: v for v in variants}
-  unknown = [n for n in names if n not in by_name]
-  if unknown:
-    raise ValueError(f"unknown variants {unknown}; this study has: "
-                     f"{', '.join(by_name)}")
-  return [by_name[n] for n in names]
+  return [by_name[n] for n in replicas.expand_names(list(by_name), names)]
 
 
 # --- The table --------------------------------------------------------------
@@ -231,8 +233,9 @@ def run(config: str | ml_collections.ConfigDict, *,
         side_by_side: bool = True,
         dry_run: bool = False,
         print_fn: Callable[[str], None] = print,
-        stack: bool = False, stack_mode: str = "auto") -> list[dict]:
-  """Runs a study's variants; returns one summary row per variant.
+        stack: bool = False, stack_mode: str = "auto",
+        seeds: int | None = None) -> list[dict]:
+  """Runs a study's variants; returns one summary row per run.
 
   Args:
     config: a config file path ("configs/agc.py:smoke") or a ConfigDict.
@@ -253,6 +256,8 @@ def run(config: str | ml_collections.ConfigDict, *,
       others, and variants with a finished run or a single run's
       checkpoints, run one by one as usual. Run directories are the same.
     stack_mode: "auto", "vmap" or "loop" (see jaxreg/stacked.py).
+    seeds: run every variant for seeds 0..seeds-1 as replicas
+      `<variant>/seed=K` (see `replicate`); default `config.num_seeds`.
   """
   if devices_per_run < 0:
     raise ValueError(f"devices_per_run={devices_per_run} must be >= 0 "
@@ -261,13 +266,14 @@ def run(config: str | ml_collections.ConfigDict, *,
     raise ValueError(f"stack_mode={stack_mode!r}; valid choices: "
                      f"{', '.join(STACK_MODES)}")
   study = resolve(config, overrides, sweep)
-  all_variants = study.variants
+  num_seeds = study.base.get("num_seeds", 1) if seeds is None else seeds
+  all_variants = replicate(study.variants, num_seeds)
   todo = select(all_variants, variants) if variants else all_variants
   todo = shard(todo, num_shards, shard_index)
   if dry_run:
     for v in todo:
       print_fn(f"{v.name}  {json.dumps(v.overrides)}")
-    print_fn(f"{len(todo)} variants")
+    print_fn(replicas.count_line([v.name for v in todo], num_seeds))
     return [_row(v, None, _axes(all_variants)) for v in todo]
   from jaxreg import runtime  # Imports JAX; keep dry runs light.
   runtime.setup()
@@ -297,14 +303,14 @@ def run(config: str | ml_collections.ConfigDict, *,
   results.write_json(workdir / "sweep.json", {
       "study": study.base.name, "config": study.path, "axes": axes,
       "variants": [dataclasses.asdict(v) for v in all_variants],
-      "report": study.report})
+      "num_seeds": num_seeds, "report": study.report})
   runnable = [j for j in jobs if j.error is None]
-  workers = (_plan_workers(devices_per_run, len(runnable)) if side_by_side
+  workers = (workers_lib.plan_workers(devices_per_run, len(runnable)) if side_by_side
              else [])
   if workers:
-    run_workers(workers, study.path, study.base, overrides, sweep,
+    workers_lib.run_workers(workers, study.path, study.base, overrides, sweep,
                 [j.variant for j in runnable], workdir, stack=stack,
-                stack_mode=stack_mode)
+                stack_mode=stack_mode, seeds=num_seeds)
     rows = {r["variant"]: r for r in write_table(workdir, all_variants,
                                                   refused)}
     rows.update(refused)
@@ -392,112 +398,6 @@ def _stack_groups(jobs: Sequence[Job]) -> list[list[Job]]:
                 key=lambda g: order[g[0].variant.name])
 
 
-# --- Side by side on one machine --------------------------------------------
-
-
-def _plan_workers(devices_per_run: int, num_variants: int) -> list[dict]:
-  """Device groups for worker processes; [] means run in this process."""
-  if num_variants < 2:
-    return []
-  import jax
-  devices = jax.local_devices()
-  per_run = devices_per_run or 1
-  n_workers = min(len(devices) // per_run, num_variants)
-  if n_workers < 2:
-    return []
-  backend = jax.default_backend()
-  groups = []
-  for w in range(n_workers):
-    ids = [d.id for d in devices[w * per_run:(w + 1) * per_run]]
-    env = {}
-    if backend == "gpu":
-      env["CUDA_VISIBLE_DEVICES"] = ",".join(str(i) for i in ids)
-    elif backend == "cpu":
-      # Simulated host devices (tests): give each worker its own count.
-      flags = re.sub(r"--xla_force_host_platform_device_count=\d+", "",
-                     os.environ.get("XLA_FLAGS", ""))
-      env["XLA_FLAGS"] = (
-          f"{flags} --xla_force_host_platform_device_count={per_run}").strip()
-    else:
-      raise ValueError(
-          f"side-by-side variants are supported on GPU (and simulated CPU "
-          f"devices), not on {backend}; use --devices_per_run={len(devices)} "
-          "to run each variant over all devices")
-    groups.append({"env": env, "devices": ids, "num_devices": per_run})
-  return groups
-
-
-def run_workers(workers: list[dict], path: str | None,
-                 base: ml_collections.ConfigDict, overrides: dict | None,
-                 sweep: Sequence[dict] | None, todo: Sequence[Variant],
-                 workdir: Path, *, stack: bool = False,
-                 stack_mode: str = "auto") -> list[int]:
-  """Runs `todo` round-robin in one worker process per device group;
-  returns the workers' exit codes (exit_status of each worker's share)."""
-  procs: list[subprocess.Popen] = []
-  with _ForwardStop(procs) as stop:
-    for w, group in enumerate(workers):
-      if stop.signum is not None:
-        break
-      mine = [v.name for v in todo[w::len(workers)]]
-      spec = {"config_path": path, "config": None if path else base.to_dict(),
-              "overrides": overrides or {},
-              "sweep": list(sweep) if sweep else None,
-              "variants": mine, "workdir": str(workdir),
-              "devices_per_run": group["num_devices"],
-              "stack": stack, "stack_mode": stack_mode}
-      spec_path = workdir / f".worker-{w}.json"
-      results.write_json(spec_path, spec)
-      logging.info("worker %d on devices %s: %d variants", w,
-                   group["devices"], len(mine))
-      procs.append(subprocess.Popen(
-          [sys.executable, "-m", "jaxreg.sweep", f"--spec={spec_path}"],
-          env={**os.environ, **group["env"]}))
-    codes = [p.wait() for p in procs]
-  if stop.signum is not None:
-    # Each worker checkpointed its run and stopped; so does the sweep.
-    raise SystemExit(128 + stop.signum)
-  if any(codes):
-    logging.warning("worker exit codes %s (failed variants are in "
-                    "summary.csv)", codes)
-  return codes
-
-
-class _ForwardStop:
-  """While the workers run, SIGTERM or SIGINT here reaches them as SIGTERM.
-
-  Each worker then checkpoints its run at the current step and exits, and
-  none outlives the sweep to race a relaunch. (A terminal's Ctrl-C also
-  reaches the workers directly; a worker treats SIGINT + SIGTERM as one
-  request.) The previous handlers come back on exit.
-  """
-
-  def __init__(self, procs: list[subprocess.Popen]):
-    self.procs = procs
-    self.signum: int | None = None
-    self._previous: dict[int, Any] = {}
-
-  def __enter__(self) -> _ForwardStop:
-    if threading.current_thread() is threading.main_thread():
-      for s in (signal.SIGTERM, signal.SIGINT):
-        self._previous[s] = signal.signal(s, self._handle)
-    return self
-
-  def __exit__(self, *exc) -> None:
-    for s, handler in self._previous.items():
-      signal.signal(s, signal.SIG_DFL if handler is None else handler)
-
-  def _handle(self, signum: int, frame) -> None:
-    del frame
-    if self.signum is None:
-      self.signum = signum
-      logging.warning("%s received: asking the workers to checkpoint and "
-                      "stop", signal.Signals(signum).name)
-    for p in self.procs:
-      if p.poll() is None:
-        p.send_signal(signal.SIGTERM)
-
-
 def _worker_main(spec_path: str) -> int:
   spec = results.read_json(spec_path)
   config = spec["config_path"]
@@ -510,7 +410,8 @@ def _worker_main(spec_path: str) -> int:
              sweep=spec["sweep"], variants=spec["variants"],
              devices_per_run=spec["devices_per_run"], side_by_side=False,
              stack=spec.get("stack", False),
-             stack_mode=spec.get("stack_mode", "auto"))
+             stack_mode=spec.get("stack_mode", "auto"),
+             seeds=spec.get("seeds", 1))
   return exit_status(rows)
 
 

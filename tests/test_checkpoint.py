@@ -29,6 +29,7 @@ from jaxreg import steps as steps_lib
 from jaxreg import sweep
 from jaxreg import train
 from jaxreg import validation
+from jaxreg import workers as workers_lib
 from tests.helpers import ROOT
 
 SMALL = {"dataset.train_size": 2048, "dataset.test_size": 1000,
@@ -454,7 +455,7 @@ def test_a_signal_to_the_sweep_reaches_its_workers(tmp_path, monkeypatch):
 
   workers = [{"env": {}, "devices": [i], "num_devices": 1} for i in range(2)]
   variants = sweep.make_variants([{"seed": 1}, {"seed": 2}])
-  monkeypatch.setattr(sweep.subprocess, "Popen", popen)
+  monkeypatch.setattr(workers_lib.subprocess, "Popen", popen)
   # Were the sweep not to catch it, SIGTERM would land here, not kill pytest.
   missed = []
 
@@ -465,7 +466,7 @@ def test_a_signal_to_the_sweep_reaches_its_workers(tmp_path, monkeypatch):
   try:
     threading.Thread(target=signal_when_ready, daemon=True).start()
     with pytest.raises(SystemExit) as e:
-      sweep.run_workers(workers, None, config_lib.base_config(), None, None,
+      workers_lib.run_workers(workers, None, config_lib.base_config(), None, None,
                          variants, tmp_path)
     restored = signal.getsignal(signal.SIGTERM)
   finally:

@@ -313,12 +313,22 @@ def test_declared_heatmaps_are_axes_of_the_study():
     declaring.append(path.name)
     declared = module.get_report()
     json.dumps(declared)  # it goes into sweep.json
-    assert set(declared) == {"heatmaps"}, path.name
+    assert set(declared) <= {"heatmaps", "baseline", "baseline_within"}, (
+        path.name)
     keys = {k for v in module.get_sweep() for k in v}
-    for pair in declared["heatmaps"]:
+    # A declared baseline is one setting of the study (per baseline_within).
+    if "baseline" in declared:
+      base = declared["baseline"]
+      within = declared.get("baseline_within", [])
+      assert set(base) | set(within) <= keys, (path.name, base, within)
+      hits = [v for v in module.get_sweep()
+              if all(v.get(k) == x for k, x in base.items())]
+      strata = [tuple(v.get(k) for k in within) for v in hits]
+      assert hits and len(set(strata)) == len(strata), (path.name, hits)
+    for pair in declared.get("heatmaps", []):
       assert isinstance(pair, list) and len(pair) == 2, (path.name, pair)
       assert set(pair) <= keys, (path.name, pair, sorted(keys))
-  assert {"agc.py", "bn_dropout.py"} <= set(declaring)
+  assert {"agc.py", "bn_dropout.py", "l1_l2.py", "norms.py"} <= set(declaring)
 
 
 def test_single_run_directory_and_cli(tmp_path: Path, capsys):

@@ -203,6 +203,13 @@ class Study:
   is_sweep: bool
   notes: list[str] = dataclasses.field(default_factory=list)
   heatmaps: list[tuple[str, str]] = dataclasses.field(default_factory=list)
+  # The study file's baseline (get_report()["baseline"]: dotted overrides or
+  # a variant name), None when it names none.
+  baseline: Any = None
+  # Axes along which the baseline repeats (get_report()["baseline_within"]).
+  baseline_within: list = dataclasses.field(default_factory=list)
+  # Seeds the sweep asked for per variant (sweep.json "num_seeds").
+  num_seeds: int = 1
 
 
 def _in_config(config: Mapping[str, Any], key: str) -> bool:
@@ -303,8 +310,12 @@ def _load_sweep(workdir: Path, notes: list[str]) -> Study:
   if not name:
     name = next((r.config.get("name") for r in runs if r.config.get("name")),
                 workdir.name)
+  report = spec.get("report") if isinstance(spec.get("report"), dict) else {}
+  num_seeds = spec.get("num_seeds")
   return Study(workdir, str(name), axes, runs, True, notes,
-               declared_heatmaps(spec, runs, notes))
+               declared_heatmaps(spec, runs, notes), report.get("baseline"),
+               list(report.get("baseline_within") or ()), num_seeds if isinstance(num_seeds, int) and num_seeds > 0
+               else 1)
 
 
 def load_study(workdir: str | os.PathLike) -> Study:

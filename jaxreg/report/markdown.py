@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Callable
 
 from jaxreg import results
+from jaxreg.report import comparison
 from jaxreg.report import figures
 from jaxreg.report import tables
 from jaxreg.report.grouping import SEED_AXIS, Group, best_group, group_runs
@@ -64,6 +65,40 @@ def _results(study: Study, groups: list[Group]) -> list[str]:
   else:
     md.append("Accuracy and F1 in %, times in seconds.")
   return md + ["", tables.render_table(tables.summary_rows(study, groups)), ""]
+
+
+def _statistics(a: comparison.Analysis) -> list[str]:
+  """The seeds section: estimates, and tests against the baseline."""
+  md = ["## Statistics over seeds", ""]
+  short = [g.label for g in a.groups if a.incomplete(g)]
+  if short:
+    md += [f"**Incomplete:** {', '.join(short)} ha{'s' if len(short) == 1 else 've'}"
+           f" fewer completed seeds than the {a.asked} asked; their "
+           "estimates and tests use the seeds that finished.", ""]
+  md.append("Mean ± sample std (ddof=1) [95% t confidence interval of the "
+            "mean] over completed seeds. Time and epochs to target are "
+            "censored (\"never\" is later than any reached value): with a "
+            "\"never\" only the median and the count reached are given.")
+  if a.baseline is None:
+    md += ["", "The study file names no baseline (get_report()['baseline'])"
+           ", so no setting is tested against another."]
+  else:
+    md += ["", f"Each setting against the baseline "
+           f"**{comparison.baseline_words(a)}**: "
+           "Δ = setting - baseline (accuracy in percentage points) with the "
+           "Welch t interval and a percentile bootstrap interval (9,999 "
+           "resamples, each sample resampled on its own); two-sided Welch "
+           "t-test, p-values Holm-corrected over the study's settings, "
+           "verdict at 5% (better / worse / not distinguishable; \"not "
+           "testable\" with fewer than 2 seeds on a side). Time and epochs "
+           "to target with a \"never\" are compared by an exact Mann-Whitney "
+           "U test with never ranked last. With few seeds the bootstrap "
+           "interval is too narrow (it cannot see beyond the values drawn); "
+           "the verdict follows the t-test.", "",
+           tables.render_table(comparison.comparison_rows(a))]
+  md += ["", tables.render_table(comparison.estimate_rows(a)), "",
+         f"Every number above is in `{comparison.SUMMARY_BY_VARIANT}`.", ""]
+  return md
 
 
 def _best(study: Study, groups: list[Group], best: Group | None,
@@ -141,11 +176,18 @@ def build_report(workdir: str | os.PathLike,
     return Path(os.path.relpath(p.resolve(), out.parent.resolve())).as_posix()
 
   md = _header(study) + _results(study, groups)
+  analysis = None
+  if SEED_AXIS in study.axes:
+    analysis = comparison.analyse(study, groups)
+    notes.extend(analysis.notes)
+    comparison.write_by_variant(study, analysis)
+    md += _statistics(analysis)
   md += _best(study, groups, best, best_key, link)
   if SEED_AXIS in study.axes:
     md += ["## Runs", "", "Every run behind the table above.", "",
            tables.render_table(tables.run_rows(study)), ""]
-  ctx = figures.Context(study, groups, best, study.workdir / "figures")
+  ctx = figures.Context(study, groups, best, study.workdir / "figures",
+                        analysis)
   md += _figures(ctx, link, notes)
   for run in study.runs:
     notes.extend(f"`{run.name}`: {n}" for n in run.notes)

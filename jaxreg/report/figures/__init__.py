@@ -9,12 +9,14 @@ from __future__ import annotations
 from jaxreg.report.figures import confusion
 from jaxreg.report.figures import curves
 from jaxreg.report.figures import features
+from jaxreg.report.figures import forest
 from jaxreg.report.figures import heatmaps
 from jaxreg.report.figures import misclassified
 from jaxreg.report.figures.registry import Context, Drawn, FigureSpec
 
 REGISTRY: tuple[FigureSpec, ...] = (
     curves.FIGURE,
+    forest.FIGURE,
     heatmaps.FIGURE,
     features.FIGURE,
     confusion.FIGURE,

@@ -11,13 +11,15 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import matplotlib
 import numpy as np
 from matplotlib.figure import Figure
+from matplotlib.patches import Rectangle
 
 from jaxreg import metrics
+from jaxreg.report import stats
 from jaxreg.report.figures import common
 from jaxreg.report.figures.registry import Context, Drawn, FigureSpec
 from jaxreg.report.grouping import (SEED_AXIS, Group, describe, fmt_value,
@@ -96,9 +98,28 @@ def _fill(members: Sequence[Group], pair: tuple[str, str],
   return grid, text
 
 
+def _marks(members: Sequence[Group], pair: tuple[str, str], rows: list[str],
+           cols: list[str], verdicts: Mapping[str, str],
+           baselines: Sequence[str]) -> list[list[str]]:
+  """Per cell of one setting: "baseline", its verdict against the baseline
+  (test accuracy), or ""."""
+  out = [[""] * len(cols) for _ in rows]
+  for a, rv in enumerate(rows):
+    for b, cv in enumerate(cols):
+      cell = [g for g in members
+              if json.dumps(g.settings.get(pair[0])) == rv
+              and json.dumps(g.settings.get(pair[1])) == cv]
+      if len(cell) == 1:
+        label = cell[0].label
+        out[a][b] = ("baseline" if label in baselines
+                     else verdicts.get(label, ""))
+  return out
+
+
 def plot_heatmaps(groups: Sequence[Group], axes: Sequence[str],
-                  pair: tuple[str, str], path: Path, title: str
-                  ) -> tuple[Path | None, str]:
+                  pair: tuple[str, str], path: Path, title: str,
+                  verdicts: Mapping[str, str] | None = None,
+                  baselines: Sequence[str] = ()) -> tuple[Path | None, str]:
   """Test accuracy, train time and time to target over `pair`'s two axes.
 
   Args:
@@ -107,6 +128,10 @@ def plot_heatmaps(groups: Sequence[Group], axes: Sequence[str],
     pair: (row axis, column axis), dotted keys; both must be in `axes`.
     path: the PNG to write.
     title: the study's name, for the figure's title.
+    verdicts: group label -> its test-accuracy verdict against the
+      baseline (comparison.Analysis); cells "not distinguishable" from the
+      baseline are hatched and marked "≈" in the accuracy panel.
+    baselines: the baseline groups' labels (their cells are outlined).
 
   Returns:
     The path (None when an axis of `pair` is not in `axes`) and a sentence
@@ -139,10 +164,13 @@ def plot_heatmaps(groups: Sequence[Group], axes: Sequence[str],
 
   # Fill every grid first so that each metric has one colour scale across
   # rows: the same colour means the same number everywhere in the figure.
-  grids, texts = {}, {}
+  grids, texts, marks = {}, {}, {}
   for i, rk in enumerate(row_keys):
     members = [g for g in groups if rk is None or json.dumps(
         [g.settings.get(a) for a in others], default=str) == rk]
+    # An aggregated cell holds several settings: no single verdict.
+    marks[i] = (_marks(members, pair, rows, cols, verdicts or {}, baselines)
+                if rk is not None or not others else None)
     for j, (_, _, value, best, fmt) in enumerate(specs):
       grids[i, j], texts[i, j] = _fill(members, pair, rows, cols, value, best,
                                        fmt, "never" if j == 2 else "-")
@@ -172,7 +200,17 @@ def plot_heatmaps(groups: Sequence[Group], axes: Sequence[str],
             color = "black" if lum > 0.5 else "white"
           else:
             color = (0.3, 0.3, 0.3)
-          ax.text(b, a, texts[i, j][a][b], ha="center", va="center",
+          mark = marks[i][a][b] if j == 0 and marks[i] else ""
+          label = texts[i, j][a][b] + {"baseline": "\nbaseline",
+                                       stats.SAME: " ≈"}.get(mark, "")
+          if mark == stats.SAME:
+            ax.add_patch(Rectangle((b - 0.5, a - 0.5), 1, 1, fill=False,
+                                   hatch="///", edgecolor=color, lw=0,
+                                   alpha=0.5))
+          elif mark == "baseline":
+            ax.add_patch(Rectangle((b - 0.48, a - 0.48), 0.96, 0.96,
+                                   fill=False, edgecolor="red", lw=2.5))
+          ax.text(b, a, label, ha="center", va="center",
                   fontsize=9, color=color)
       ax.set_xticks(range(len(cols)), [fmt_value(json.loads(c)) for c in cols])
       ax.set_yticks(range(len(rows)), [fmt_value(json.loads(r)) for r in rows])
@@ -201,10 +239,20 @@ def file_name(pair: tuple[str, str],
   return f"heatmap_{row}_x_{col}.png"
 
 
+def _verdicts(ctx: Context) -> tuple[dict[str, str], list[str]]:
+  a = ctx.analysis
+  if a is None or a.baseline is None:
+    return {}, []
+  return ({k: c.verdict for k, c in
+           a.comparisons.get("test_accuracy", {}).items()},
+          [g.label for g in a.baselines])
+
+
 def _draw(ctx: Context, pair: tuple[str, str]) -> Drawn | None:
+  verdicts, baselines = _verdicts(ctx)
   path, how = plot_heatmaps(ctx.groups, ctx.study.axes, pair,
                             ctx.fig_dir / file_name(pair, ctx.study.heatmaps),
-                            ctx.title)
+                            ctx.title, verdicts, baselines)
   if path is None:
     return None
   short = short_names(list(ctx.study.axes))
@@ -213,11 +261,19 @@ def _draw(ctx: Context, pair: tuple[str, str]) -> Drawn | None:
 
 
 def _caption(ctx: Context, drawn: Drawn) -> str:
-  del ctx
   row_axis, col_axis = drawn.item
-  return ("Test accuracy, training time and time to target over "
+  text = ("Test accuracy, training time and time to target over "
           f"`{row_axis}` x `{col_axis}`: {drawn.detail}. Grey cells were "
           "not run, failed, or never reached the target.")
+  _, baselines = _verdicts(ctx)
+  if baselines:
+    several = len(baselines) > 1
+    text += (f" In the accuracy panel the baseline{'s' if several else ''} "
+             f"({'; '.join(baselines)}) {'are' if several else 'is'} "
+             "outlined in red, and hatched cells marked ≈ are not "
+             "distinguishable from their baseline (Holm-corrected Welch "
+             "test, 5%).")
+  return text
 
 
 FIGURE = FigureSpec(

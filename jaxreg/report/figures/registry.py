@@ -23,6 +23,8 @@ class Context:
   groups: list[Group]
   best: Group | None
   fig_dir: Path
+  # comparison.Analysis of a seeded study (estimates, tests), else None.
+  analysis: Any = None
 
   @property
   def title(self) -> str:
