@@ -39,6 +39,7 @@ import os
 import re
 import signal
 import socket
+import threading
 import time
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -50,6 +51,8 @@ LAUNCHERS = ("local", "slurm")
 DEFAULT_FOLDER = "submitit"
 # How often the local launcher looks at its running tasks.
 LOCAL_POLL_S = 0.5
+# A stopped local launcher waits this long for its tasks to checkpoint.
+LOCAL_STOP_WAIT_S = 120
 
 
 @dataclasses.dataclass(frozen=True)
@@ -306,6 +309,8 @@ def _run_local(run_shard, names, workdir, settings, job_name) -> list:
            for i, g in enumerate(shards(names, settings.array_size))]
   jobs: list = [None] * len(tasks)
   running: list[int] = []
+  main = threading.current_thread() is threading.main_thread()
+  previous = signal.signal(signal.SIGTERM, _exit_on_signal) if main else None
   try:
     for i, task in enumerate(tasks):
       while len(running) >= settings.array_parallelism:
@@ -316,13 +321,34 @@ def _run_local(run_shard, names, workdir, settings, job_name) -> list:
     for job in jobs:
       job.wait()
   except BaseException:
-    # No orphans: a stopped launcher stops its local tasks (submitit sends
-    # SIGINT; a training run checkpoints on it and resumes on relaunch).
-    for job in jobs:
-      if job is not None and not job.done():
-        job.cancel(check=False)
+    _stop_local([j for j in jobs if j is not None])
     raise
+  finally:
+    if main:
+      signal.signal(signal.SIGTERM, previous)
   return jobs
+
+
+def _exit_on_signal(signum: int, frame) -> None:
+  del frame
+  raise SystemExit(128 + signum)
+
+
+def _stop_local(jobs: Sequence) -> None:
+  """No orphans: a stopped local launcher stops its tasks as SLURM would,
+  with SIGTERM (a training run saves a checkpoint and exits 143; relaunching
+  resumes), and waits for them."""
+  live = [j for j in jobs if not j.done()]
+  for job in live:
+    # A local job's id is its controller's pid (submitit/local/local.py),
+    # which passes SIGTERM on to its task.
+    os.kill(int(job.job_id), signal.SIGTERM)
+  deadline = time.time() + LOCAL_STOP_WAIT_S
+  while any(not j.done() for j in live) and time.time() < deadline:
+    time.sleep(LOCAL_POLL_S)
+  for job in live:
+    if not job.done():
+      job.cancel(check=False)  # SIGINT, then SIGKILL.
 
 
 def launch(launcher: str, run_shard: Callable[..., list],

@@ -288,10 +288,12 @@ def run(config: str | ml_collections.ConfigDict, *,
   if launcher is not None:  # Each array task runs this function again.
     from jaxreg import launchers  # Imports submitit; only when asked for.
     task_rows = launchers.launch(launcher, functools.partial(
-        run, config, workdir=str(workdir), overrides=overrides, sweep=sweep,
+        run, config, workdir=str(Path(workdir).absolute()),
+        overrides=overrides, sweep=sweep,
         devices_per_run=devices_per_run, side_by_side=False, stack=stack,
         stack_mode=stack_mode, seeds=num_seeds, print_fn=print_fn),
-        [v.name for v in todo], workdir, slurm, job_name=study.base.name)
+        [v.name for v in todo], workdir, slurm,
+        job_name=study.base.get("name", "jaxreg"))
     return _gathered(Path(workdir), all_variants, todo, task_rows)
   from jaxreg import runtime  # Imports JAX; keep dry runs light.
   runtime.setup()

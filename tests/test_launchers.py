@@ -193,13 +193,8 @@ def test_local_launcher_with_a_preempted_task_matches_in_process_sweep(
   names = _names()
   first = work / names[0]  # Task 0's first run (task 0: runs 0 and 2).
   attempts = work / launchers.DEFAULT_FOLDER / "tasks" / "0.jsonl"
-  deadline = time.time() + 300
-  while time.time() < deadline and proc.poll() is None:
-    m = first / "metrics.jsonl"
-    if m.exists() and m.read_text().count("\n") >= 1:
-      break  # Its first epoch is done (and checkpointed); 2 to go.
-    time.sleep(0.05)
-  assert proc.poll() is None, proc.stderr.read()[-3000:]
+  # Its first epoch is done (and checkpointed); 2 to go.
+  _wait_for_first_epoch(proc, first)
   pid = json.loads(attempts.read_text().splitlines()[-1])["pid"]
   os.kill(pid, launchers.preemption_signal())
   _, err = proc.communicate(timeout=400)
@@ -219,6 +214,56 @@ def test_local_launcher_with_a_preempted_task_matches_in_process_sweep(
   assert _table(work / "summary.csv") == _table(plain / "summary.csv")
   assert [r["status"] for r in _table(work / "summary.csv")] == [
       "completed"] * 3
+
+
+def _wait_for_first_epoch(proc, run_dir: Path, timeout_s: float = 300):
+  deadline = time.time() + timeout_s
+  while time.time() < deadline and proc.poll() is None:
+    m = run_dir / "metrics.jsonl"
+    if m.exists() and m.read_text().count("\n") >= 1:
+      return
+    time.sleep(0.05)
+  raise AssertionError(f"no first epoch in {run_dir}: "
+                       f"{proc.stderr.read()[-3000:]}")
+
+
+def _alive(pid: int) -> bool:
+  try:
+    os.kill(pid, 0)
+  except ProcessLookupError:
+    return False
+  return Path(f"/proc/{pid}").exists() and "zombie" not in Path(
+      f"/proc/{pid}/status").read_text().lower()
+
+
+@pytest.mark.slow
+def test_stopped_local_launcher_stops_its_tasks_and_a_relaunch_resumes(
+    tmp_path, mnist_manual_dir):
+  del mnist_manual_dir
+  names = _names()
+  args = [sys.executable, "launch.py", f"--config={L1_L2}",
+          "--config.train.epochs=3", f"--variants={names[1]}",
+          f"--workdir={tmp_path}", "--noreport", "--launcher=local"]
+  proc = subprocess.Popen(args, cwd=helpers.ROOT, stdout=subprocess.DEVNULL,
+                          stderr=subprocess.PIPE, text=True)
+  run_dir = tmp_path / names[1]
+  _wait_for_first_epoch(proc, run_dir)
+  attempts = tmp_path / launchers.DEFAULT_FOLDER / "tasks" / "0.jsonl"
+  pid = json.loads(attempts.read_text().splitlines()[-1])["pid"]
+  proc.send_signal(signal.SIGTERM)
+  _, err = proc.communicate(timeout=launchers.LOCAL_STOP_WAIT_S + 60)
+  assert proc.returncode == 143, err[-3000:]
+  assert not _alive(pid)  # The task stopped with its launcher.
+  assert json.loads((run_dir / "summary.json").read_text())["status"] == (
+      "running")
+  assert "stopped by SIGTERM" in "".join(
+      p.read_text() for p in (tmp_path / launchers.DEFAULT_FOLDER).glob(
+          "*_log.*"))
+  out = subprocess.run(args, cwd=helpers.ROOT, capture_output=True,
+                       text=True, timeout=300)
+  assert out.returncode == 0, out.stderr[-3000:]
+  summary = json.loads((run_dir / "summary.json").read_text())
+  assert summary["status"] == "completed" and summary["resumed_from_step"] > 0
 
 
 # --- examples/ ----------------------------------------------------------------
