@@ -73,7 +73,8 @@ _SLURM = {
         "default).", lower_bound=0),
     "time": flags.DEFINE_string(
         "slurm.time", str(launchers.Settings.time), "Time limit of a task: "
-        "minutes or [D-]HH:MM[:SS]; a task requeued after it resumes."),
+        "minutes or [D-]HH:MM[:SS]. USR2 comes signal_delay_s before it: "
+        "the run checkpoints, the task is requeued and resumes."),
     "mem_gb": flags.DEFINE_float(
         "slurm.mem_gb", 0, "Memory per task in GB (0: the cluster's "
         "default).", lower_bound=0),

@@ -285,6 +285,8 @@ def run(config: str | ml_collections.ConfigDict, *,
       print_fn(f"{v.name}  {json.dumps(v.overrides)}")
     print_fn(replicas.count_line([v.name for v in todo], num_seeds))
     return [_row(v, None, _axes(all_variants)) for v in todo]
+  if launcher is None and slurm:
+    raise ValueError(f"slurm={slurm!r} needs launcher='slurm' (or 'local')")
   if launcher is not None:  # Each array task runs this function again.
     from jaxreg import launchers  # Imports submitit; only when asked for.
     task_rows = launchers.launch(launcher, functools.partial(

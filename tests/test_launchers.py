@@ -81,6 +81,8 @@ def test_bad_launcher_values_refused_by_the_command_before_submitting(
   assert out.returncode == 2 and "needs --launcher" in out.stderr
   with pytest.raises(ValueError, match="valid choices: local, slurm"):
     sweep.run(L1_L2, workdir=work, launcher="pbs")
+  with pytest.raises(ValueError, match="needs launcher='slurm'"):
+    sweep.run(L1_L2, workdir=work, slurm={"partition": "gpu"})
   assert not work.exists()
 
 
