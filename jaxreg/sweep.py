@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import functools
 import io
 import json
 import os
@@ -234,7 +235,9 @@ def run(config: str | ml_collections.ConfigDict, *,
         dry_run: bool = False,
         print_fn: Callable[[str], None] = print,
         stack: bool = False, stack_mode: str = "auto",
-        seeds: int | None = None) -> list[dict]:
+        seeds: int | None = None,
+        launcher: str | None = None, slurm: dict | None = None
+        ) -> list[dict]:
   """Runs a study's variants; returns one summary row per run.
 
   Args:
@@ -258,6 +261,13 @@ def run(config: str | ml_collections.ConfigDict, *,
     stack_mode: "auto", "vmap" or "loop" (see jaxreg/stacked.py).
     seeds: run every variant for seeds 0..seeds-1 as replicas
       `<variant>/seed=K` (see `replicate`); default `config.num_seeds`.
+    launcher: None trains here; "slurm" or "local" submits the runs as
+      submitit array tasks that each run this function for their variants
+      into `workdir`, waits for them and returns the rows of the table they
+      leave (jaxreg/launchers.py).
+    slurm: the launcher's settings (launchers.Settings: partition,
+      gpus_per_task, cpus_per_task, time, mem_gb, array_size,
+      array_parallelism, signal_delay_s, folder, extra).
   """
   if devices_per_run < 0:
     raise ValueError(f"devices_per_run={devices_per_run} must be >= 0 "
@@ -275,6 +285,18 @@ def run(config: str | ml_collections.ConfigDict, *,
       print_fn(f"{v.name}  {json.dumps(v.overrides)}")
     print_fn(replicas.count_line([v.name for v in todo], num_seeds))
     return [_row(v, None, _axes(all_variants)) for v in todo]
+  if launcher is None and slurm:
+    raise ValueError(f"slurm={slurm!r} needs launcher='slurm' (or 'local')")
+  if launcher is not None:  # Each array task runs this function again.
+    from jaxreg import launchers  # Imports submitit; only when asked for.
+    task_rows = launchers.launch(launcher, functools.partial(
+        run, config, workdir=str(Path(workdir).absolute()),
+        overrides=overrides, sweep=sweep,
+        devices_per_run=devices_per_run, side_by_side=False, stack=stack,
+        stack_mode=stack_mode, seeds=num_seeds, print_fn=print_fn),
+        [v.name for v in todo], workdir, slurm,
+        job_name=study.base.get("name", "jaxreg"))
+    return _gathered(Path(workdir), all_variants, todo, task_rows)
   from jaxreg import runtime  # Imports JAX; keep dry runs light.
   runtime.setup()
   workdir = Path(workdir)
@@ -332,6 +354,23 @@ def run(config: str | ml_collections.ConfigDict, *,
     except Exception:  # Recorded in its summary.json; the sweep goes on.
       logging.exception("%s failed", ", ".join(names))
     write_table(workdir, all_variants, refused)
+  rows = {r["variant"]: r for r in write_table(workdir, all_variants,
+                                                refused)}
+  rows.update(refused)
+  return [rows[v.name] for v in todo]
+
+
+def _gathered(workdir: Path, all_variants: Sequence[Variant],
+              todo: Sequence[Variant], task_rows: Sequence[dict]
+              ) -> list[dict]:
+  """The rows of `todo` after launcher tasks ran them: summary.csv rebuilt
+  from the run directories, refusals from the tasks' rows."""
+  if _is_single(all_variants):
+    summary = results.read_summary(workdir)
+    return list(task_rows) or [_row(todo[0], summary, [])]
+  refused = {r["variant"]: r for r in task_rows if r["status"] == "refused"}
+  if len(refused) == len(todo):
+    return [refused[v.name] for v in todo]  # Nothing ran: no table.
   rows = {r["variant"]: r for r in write_table(workdir, all_variants,
                                                 refused)}
   rows.update(refused)
