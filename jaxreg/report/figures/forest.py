@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from matplotlib import ticker
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 
@@ -59,6 +60,8 @@ def plot_forest(ctx: Context, path: Path) -> tuple[Path | None, str]:
     better = "right" if metric.higher_is_better else "left"
     ax.set_title(f"{metric.label.split(' (')[0]} (better to the {better})")
     ax.grid(True, axis="x", alpha=0.3)
+    # A few ticks: small differences (losses) have long tick labels.
+    ax.xaxis.set_major_locator(ticker.MaxNLocator(5))
   axs[0].set_yticks(range(len(others)),
                     [g.label for g in reversed(others)], fontsize=8)
   axs[0].set_ylabel("setting")
