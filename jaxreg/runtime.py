@@ -16,11 +16,15 @@ and JAX_NUM_PROCESSES / JAX_PROCESS_ID (read here: jax 0.10.2 reads only
 the address). CPU processes exchange collectives over gloo (TCP).
 
 A dead process: the survivors' next collective fails at once ("Gloo
-all-reduce failed ... Connection closed by peer"), and JAX's coordination
-service, which misses the dead process's heartbeats after
-HEARTBEAT_TIMEOUT_S, terminates any process still waiting ("Terminating
-process because the JAX distributed service detected fatal errors"), so no
-process hangs. Relaunching all of them resumes from the last checkpoint.
+all-reduce failed ... Connection reset by peer"; train.py records and
+raises it as `ProcessLost`), and JAX's coordination service, which misses
+the dead process's heartbeats after HEARTBEAT_TIMEOUT_S (or loses its
+connection to process 0), terminates any process still waiting, also at
+exit ("Terminating process because the JAX distributed service detected
+fatal errors"), so no process hangs: measured, the survivor is gone 0.4 s
+(process 0 killed) to 6.4 s (process 1 killed) after a SIGKILL
+(tests/test_distributed.py). Relaunching all of them resumes from the last
+checkpoint.
 """
 from __future__ import annotations
 
@@ -44,8 +48,9 @@ COORDINATOR_ENV_VAR = "JAX_COORDINATOR_ADDRESS"  # Read by jax itself.
 # A process that sent no heartbeat for this long is dead, and the others
 # are stopped (jax's default, 100 s, lets survivors wait that long at exit).
 # Heartbeats come from a background thread, so a long compile or
-# checkpoint does not miss them.
+# checkpoint does not miss them. $JAXREG_HEARTBEAT_TIMEOUT_S overrides it.
 HEARTBEAT_TIMEOUT_S = 10
+HEARTBEAT_ENV_VAR = "JAXREG_HEARTBEAT_TIMEOUT_S"
 # Longest string `agree` compares.
 _AGREE_BYTES = 4096
 # What a collective's error says when a peer process died (gloo on CPU,
@@ -58,6 +63,7 @@ LOST_PEER_MARKERS = ("Gloo", "NCCL", "Connection reset by peer",
 class ProcessLost(RuntimeError):
   """A collective of a multi-process run failed: another process most
   likely died. Relaunching every process resumes from the last checkpoint."""
+
 
 _lock = threading.Lock()
 _done: dict | None = None
@@ -112,15 +118,17 @@ def _env_int(name: str) -> int | None:
     raise ValueError(f"${name}={value!r} is not an integer") from None
 
 
-def initialize_distributed(
-    heartbeat_timeout_s: int = HEARTBEAT_TIMEOUT_S) -> None:
+def initialize_distributed(heartbeat_timeout_s: int | None = None) -> None:
   """`jax.distributed.initialize()` from the environment (module docstring),
   with gloo collectives on CPU; a clear error when nothing says where the
-  other processes are."""
+  other processes are. `heartbeat_timeout_s` defaults to
+  $JAXREG_HEARTBEAT_TIMEOUT_S, else HEARTBEAT_TIMEOUT_S."""
   # Before initialize: the CPU client is built with its collectives.
   jax.config.update("jax_cpu_collectives_implementation", "gloo")
   num = _env_int(NUM_PROCESSES_ENV_VAR)
   pid = _env_int(PROCESS_ID_ENV_VAR)
+  if heartbeat_timeout_s is None:
+    heartbeat_timeout_s = _env_int(HEARTBEAT_ENV_VAR) or HEARTBEAT_TIMEOUT_S
   try:
     jax.distributed.initialize(
         num_processes=num, process_id=pid,

@@ -224,6 +224,41 @@ def test_a_killed_process_stops_the_other_and_a_relaunch_resumes(
 
 
 @pytest.mark.slow
+def test_sigterm_to_one_process_stops_both_at_one_step_and_resumes(
+    tmp_path, reference):
+  # checkpoint.StopSignals with several processes: JAX's preemption sync
+  # point, not a signal handler, makes every process stop at the same step.
+  run_dir, logs = tmp_path / "run", tmp_path / "logs"
+  flags = ("--config.train.log_every_s=1e-6",
+           "--config.checkpoint.every_epochs=0")
+  procs = _start(run_dir, logs, *flags)
+  try:
+    deadline = time.monotonic() + 300
+    while f"epoch 1/2: step 3/{STEPS_PER_EPOCH}" not in (
+        logs / "p0.log").read_text():
+      assert all(p.poll() is None for p in procs), _tails(logs)
+      assert time.monotonic() < deadline, _tails(logs)
+      time.sleep(0.05)
+    procs[0].send_signal(signal.SIGTERM)
+    codes = [p.wait(timeout=STOP_BOUND_S) for p in procs]
+  finally:
+    _kill(procs)
+  assert codes == [128 + signal.SIGTERM] * 2, _tails(logs)
+  (step,) = _ckpt_steps(run_dir)
+  assert 3 <= step < STEPS_PER_EPOCH, step  # Inside epoch 1.
+  for i in range(2):
+    assert f"stopped by SIGTERM at step {step}" in (
+        logs / f"p{i}.log").read_text()
+
+  logs2 = tmp_path / "relaunch"
+  codes = _wait_all(_start(run_dir, logs2, *flags), logs2)
+  assert codes == [0, 0], _tails(logs2)
+  summary = results.read_json(run_dir / "summary.json")
+  assert summary["resumed_from_step"] == step
+  _assert_same_numbers(run_dir, reference)
+
+
+@pytest.mark.slow
 def test_processes_on_different_run_directories_are_refused(tmp_path,
                                                            mnist_manual_dir):
   logs = tmp_path / "logs"
