@@ -39,8 +39,11 @@ _DEVICES_PER_RUN = flags.DEFINE_integer(
     "device; a sweep runs one variant per device side by side. N: each run "
     "is data-parallel over N devices.")
 _DISTRIBUTED = flags.DEFINE_bool(
-    "distributed", False, "Call jax.distributed.initialize() first: one run "
-    "over the devices of several hosts.")
+    "distributed", False, "One run over several processes or hosts: start "
+    "the same command in each; jax.distributed finds the others from the "
+    "cluster (SLURM, Open MPI, Kubernetes, TPU) or from "
+    "JAX_COORDINATOR_ADDRESS=host:port, JAX_NUM_PROCESSES, JAX_PROCESS_ID. "
+    "Only process 0 writes results; all write checkpoints.")
 _STACK = flags.DEFINE_bool(
     "stack", False, "Train variants that differ only in lr, weight decay, "
     "L1, AGC clip, momentum or seed together as one stacked group "

@@ -5,6 +5,14 @@ host arrays of a data.Dataset to the devices of `mesh`, replicated (the
 step gathers its batch by index and shards it over the mesh's "data"
 axis), pads each evaluation split to whole evaluation batches, and keeps a
 fixed probe batch for feature statistics. Nothing here knows the model.
+
+Several JAX processes (runtime.py): `mesh` spans the devices of all of
+them. Every process reads the same dataset and holds it whole on its own
+devices (small datasets, by design); the step's batch, gathered by index
+from the same permutation in every process, is sharded over the global
+mesh, so each device computes only its share of it, and the global batch
+and its order are those of one process with as many devices. `fetch`
+brings a sharded result (evaluation predictions) to every process.
 """
 from __future__ import annotations
 
@@ -57,9 +65,35 @@ def pad_to(x: np.ndarray, multiple: int) -> np.ndarray:
   return np.concatenate([x, np.zeros((pad,) + x.shape[1:], x.dtype)])
 
 
+def fetch(tree):
+  """`tree`'s arrays as numpy arrays in this process: jax.device_get, and
+  for an array sharded over other processes' devices too, all of it (a
+  collective then: every process calls it in the same order)."""
+  def one(x):
+    if isinstance(x, jax.Array) and not (x.is_fully_addressable
+                                         or x.is_fully_replicated):
+      from jax.experimental import multihost_utils
+      return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+    return jax.device_get(x)
+  return jax.tree.map(one, tree)
+
+
+def check_mesh(mesh: Mesh) -> None:
+  """Every JAX process must own a device of `mesh`: one left out would
+  hold no share of the arrays and could not run the steps."""
+  owners = {d.process_index for d in mesh.devices.flat}
+  missing = sorted(set(range(jax.process_count())) - owners)
+  if missing:
+    raise ValueError(
+        f"the run's {mesh.devices.size} devices leave out JAX process(es) "
+        f"{missing} of {jax.process_count()}; with several processes use "
+        "config.train.num_devices=0 (all devices)")
+
+
 def place(ds: data_lib.Dataset, mesh: Mesh,
           eval_batch_size: int) -> DeviceData:
   """Copies `ds` to the devices of `mesh` (see module docstring)."""
+  check_mesh(mesh)
   n_dev = mesh.devices.size
   # Evaluation batches are sharded too: round up to the device count.
   ebs = -(-min(eval_batch_size, max(

@@ -191,7 +191,7 @@ class LoopEngine:
     padding dropped."""
     d = self.steps.data
     x, y, n = d.eval_sets[split]
-    outs = jax.device_get([
+    outs = device_data.fetch([
         self.compiled.eval[split](state, x, y, np.int32(i))
         for i in range(len(y) // d.eval_batch_size)])
     preds = np.concatenate([o["pred"] for o in outs])[:n]
@@ -302,7 +302,7 @@ class VmapEngine(LoopEngine):
     d = self.steps.data
     per_split = {}
     for split, (x, y, n) in d.eval_sets.items():
-      outs = jax.device_get([
+      outs = device_data.fetch([
           self.compiled.eval[split](states, x, y, np.int32(i))
           for i in range(len(y) // d.eval_batch_size)])
       preds = np.concatenate([o["pred"] for o in outs], axis=1)[:, :n]

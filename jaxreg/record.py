@@ -97,8 +97,8 @@ class RunRecord:
     self.history: list[dict] = []
 
   def start(self, env: dict) -> None:
-    """Writes config.json, env.json and a "running" summary.json."""
-    self.run_dir.mkdir(parents=True, exist_ok=True)
+    """Writes config.json, env.json and a "running" summary.json (which
+    create the directory; only process 0 writes: results.is_writer)."""
     results.write_json(self.run_dir / "config.json", self.config.to_dict())
     results.write_json(self.run_dir / "env.json", env)
     self.write()

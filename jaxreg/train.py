@@ -132,6 +132,10 @@ def run(plan: Plan) -> list[dict]:
   an interruption leaves them "running" (a relaunch resumes). The previous
   signal handlers are restored on return.
   """
+  # Several processes train one run: process 0 writes its files, all of
+  # them write and read its checkpoints, so they must mean the same place.
+  runtime.agree("the run directory", "\n".join(
+      str(m.run_dir.absolute()) for m in plan.members))
   records = [record_lib.RunRecord(m.run_dir, m.config, variant=m.variant,
                                   overrides=m.overrides, stack=plan.stack)
              for m in plan.members]
@@ -152,9 +156,13 @@ def run(plan: Plan) -> list[dict]:
       logging.warning("%s: %s", plan.checkpoint_dir.parent, e)
     raise
   except BaseException as e:
+    lost = runtime.process_lost(e)
     for r in records:
       if r.summary["status"] == "running":
-        r.failed(e)
+        r.failed(lost or e)
+    if lost is not None:
+      logging.error("%s: %s", plan.checkpoint_dir.parent, lost)
+      raise lost from e
     raise
   finally:
     for w in writers:
