@@ -36,6 +36,10 @@ _DEVICES_PER_RUN = flags.DEFINE_integer(
     "devices_per_run", 0, "Devices per run. 0: a single run uses every "
     "device; a sweep runs one variant per device side by side. N: each run "
     "is data-parallel over N devices.")
+_WORKERS_PER_DEVICE = flags.DEFINE_integer(
+    "workers_per_device", 1, "Side-by-side sweep workers per device group "
+    "(>1: they share its memory, each preallocating none and taking "
+    "0.9/N of it), for variants too small to fill a GPU.")
 _DISTRIBUTED = flags.DEFINE_bool(
     "distributed", False, "Call jax.distributed.initialize() first: one run "
     "over the devices of several hosts.")
@@ -83,7 +87,8 @@ def launch(config_path: str, *, overrides: dict | None = None,
            shard_index: int | None = None, devices_per_run: int = 0,
            distributed: bool = False, report: bool = True,
            stack: bool = False, stack_mode: str = "auto",
-           seeds: int | None = None) -> list[dict]:
+           seeds: int | None = None,
+           workers_per_device: int = 1) -> list[dict]:
   """What the command does once its flags are parsed: set up the process,
   run the study's variants, write the report. Returns the summary rows."""
   from jaxreg import sweep  # After absl parsed the flags.
@@ -106,7 +111,7 @@ def launch(config_path: str, *, overrides: dict | None = None,
                    variants=variants, num_shards=num_shards,
                    shard_index=shard_index, devices_per_run=devices_per_run,
                    dry_run=dry_run, stack=stack, stack_mode=stack_mode,
-                   seeds=seeds)
+                   seeds=seeds, workers_per_device=workers_per_device)
   if dry_run:
     return rows
   for r in rows:
@@ -138,7 +143,7 @@ def _main(argv):
         devices_per_run=_DEVICES_PER_RUN.value,
         distributed=_DISTRIBUTED.value, report=_REPORT.value,
         stack=_STACK.value, stack_mode=_STACK_MODE.value,
-        seeds=_SEEDS.value)
+        seeds=_SEEDS.value, workers_per_device=_WORKERS_PER_DEVICE.value)
   except (ValueError, KeyError, TypeError, FileNotFoundError) as e:
     # Refusals before anything ran (unknown variant, bad shard, a config
     # that does not load): one line; a traceback only with --verbosity.
