@@ -37,18 +37,22 @@ def _cmd(workdir: Path, *extra: str) -> list[str]:
 
 
 def _start(workdir: Path, *extra: str, env: dict | None = None):
-  return subprocess.Popen(_cmd(workdir, *extra), cwd=helpers.ROOT,
-                          stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                          text=True, env={**os.environ, **(env or {})})
+  """launch.py on `workdir`, its output into a file beside it (not a pipe:
+  workers inherit their launcher's output, and a pipe would stay open, and
+  its reader waiting, as long as any of them lives)."""
+  log = workdir.parent / f"{workdir.name}-{time.monotonic_ns()}.log"
+  with open(log, "w") as f:
+    proc = subprocess.Popen(_cmd(workdir, *extra), cwd=helpers.ROOT,
+                            stdout=f, stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, **(env or {})})
+  proc.log = log
+  return proc
 
 
 def _finish(procs, timeout=300) -> list[tuple[int, str]]:
-  """(exit status, stdout + the tail of stderr) of each process."""
-  out = []
-  for p in procs:
-    o, e = p.communicate(timeout=timeout)
-    out.append((p.returncode, o + e[-3000:]))
-  return out
+  """(exit status, the tail of the output) of each process."""
+  return [(p.wait(timeout=timeout), p.log.read_text()[-3000:])
+          for p in procs]
 
 
 def _poll(condition, what: str, procs=(), timeout: float = 240):
@@ -57,7 +61,7 @@ def _poll(condition, what: str, procs=(), timeout: float = 240):
   deadline = time.monotonic() + timeout
   while not condition():
     for p in procs:
-      assert p.poll() is None, f"ended before {what}: {p.communicate()}"
+      assert p.poll() is None, f"ended before {what}: {p.log.read_text()}"
     assert time.monotonic() < deadline, f"timed out waiting for {what}"
     time.sleep(0.05)
 
@@ -125,7 +129,7 @@ def test_three_jobs_one_killed_and_relaunched(tmp_path, sequential):
     by_pid = {p.pid: p for p in procs}
     assert victim in by_pid
     by_pid[victim].send_signal(signal.SIGKILL)
-    by_pid[victim].communicate(timeout=60)
+    by_pid[victim].wait(timeout=60)
     survivors = [p for p in procs if p.pid != victim]
     procs.append(_start(tmp_path, "--num_shards=1"))  # The relaunch.
     results = _finish(survivors + procs[-1:])
@@ -203,7 +207,7 @@ def test_killed_launcher_takes_its_side_by_side_workers_along(
     _poll(training, "two workers training", [launcher])
     worker_pids = training()
     launcher.send_signal(signal.SIGKILL)
-    launcher.communicate(timeout=60)
+    launcher.wait(timeout=60)
     assert wait_dead(worker_pids, 10), [p for p in worker_pids if alive(p)]
   finally:
     launcher.kill()
