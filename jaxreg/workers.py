@@ -149,13 +149,19 @@ def run_workers(workers: list[dict], path: str | None,
   return codes
 
 
-def die_with_parent(parent_pid: int, signum: int = signal.SIGTERM,
-                    poll_s: float = 1.0) -> None:
-  """Makes this process get `signum` when `parent_pid` (its launcher) dies,
-  even by SIGKILL. SIGTERM: a worker checkpoints its run and stops (or,
-  between runs, just ends). Linux's PR_SET_PDEATHSIG does it at once; a
-  thread watching the parent id covers a launcher that died before this
-  call, and systems without prctl."""
+def die_with_parent(parent_pid: int, signum: int = signal.SIGTERM, *,
+                    grace_s: float = 5.0, poll_s: float = 1.0) -> None:
+  """Makes this process end soon after `parent_pid` (its launcher) dies,
+  even by SIGKILL, so no worker trains on as an orphan racing a relaunch.
+
+  It first gets `signum`: SIGTERM, on which a worker saves a checkpoint at
+  its next step and stops (between runs it just ends). Linux's
+  PR_SET_PDEATHSIG sends it at once; a thread watching the parent id covers
+  a launcher that died before this call, and systems without prctl. A
+  worker still alive `grace_s` later (loading data or compiling, where no
+  step polls the request) is killed outright: it loses only work since its
+  last checkpoint, which the next job to take the variant redoes.
+  """
   if sys.platform.startswith("linux"):
     import ctypes  # pylint: disable=g-import-not-at-top
     pr_set_pdeathsig = 1
@@ -169,8 +175,11 @@ def die_with_parent(parent_pid: int, signum: int = signal.SIGTERM,
     # Reparented (to init or a subreaper) once the launcher is gone.
     while os.getppid() == parent_pid:
       threading.Event().wait(poll_s)
-    logging.warning("launcher %d is gone: stopping", parent_pid)
+    logging.warning("launcher %d is gone: stopping (at most %.0f s)",
+                    parent_pid, grace_s)
     os.kill(os.getpid(), signum)
+    threading.Event().wait(grace_s)
+    os.kill(os.getpid(), signal.SIGKILL)
 
   threading.Thread(target=watch, name="die-with-parent", daemon=True).start()
 

@@ -177,21 +177,26 @@ def test_cli_refuses_bad_workers_per_device():
 
 _ORPHAN = """
 import os, subprocess, sys, time
-child = subprocess.Popen([sys.executable, "-c", sys.argv[1], sys.argv[2]])
+child = subprocess.Popen([sys.executable, "-c", *sys.argv[1:]])
 print(child.pid, flush=True)
 time.sleep(120)
 """
-_CHILD = ("import os, sys, time; from jaxreg import workers; "
+_CHILD = ("import os, signal, sys, time; from jaxreg import workers; "
+          "sys.argv[2] == '1' and signal.signal(signal.SIGTERM, "
+          "signal.SIG_IGN); "
           "workers.die_with_parent(int(sys.argv[1]) or os.getppid(), "
-          "poll_s=0.05); time.sleep(120)")
+          "grace_s=1.0, poll_s=0.05); time.sleep(120)")
 
 
-@pytest.mark.parametrize("watch_only", [False, True])
-def test_worker_dies_with_its_launcher(watch_only):
-  """PR_SET_PDEATHSIG; and the parent watch alone, for a launcher already
-  gone when the worker starts (here: a parent id that is not its own)."""
+@pytest.mark.parametrize("watch_only,deaf", [(False, False), (True, False),
+                                              (False, True)])
+def test_worker_dies_with_its_launcher(watch_only, deaf):
+  """PR_SET_PDEATHSIG; the parent watch alone, for a launcher already gone
+  when the worker starts (here: a parent id that is not its own); and a
+  worker that does not stop on SIGTERM, killed after its grace period."""
   parent = subprocess.Popen(
-      [sys.executable, "-c", _ORPHAN, _CHILD, "1" if watch_only else "0"],
+      [sys.executable, "-c", _ORPHAN, _CHILD, "1" if watch_only else "0",
+       "1" if deaf else "0"],
       stdout=subprocess.PIPE, text=True, cwd=helpers.ROOT,
       env={**os.environ, "PYTHONPATH": str(helpers.ROOT)})
   try:
@@ -199,6 +204,8 @@ def test_worker_dies_with_its_launcher(watch_only):
     if not watch_only:
       assert not wait_dead([child], 1.0)  # It lives while its parent does.
       parent.kill()
+    if deaf:  # SIGTERM ignored: alive until the grace period (1 s) ends.
+      assert not wait_dead([child], 0.5)
     assert wait_dead([child], 10), "the worker outlived its launcher"
   finally:
     parent.kill()

@@ -206,9 +206,11 @@ def test_killed_launcher_takes_its_side_by_side_workers_along(
       return pids if len(pids) == 2 and set(pids) <= holders else None
     _poll(training, "two workers training", [launcher])
     worker_pids = training()
+    killed = time.monotonic()
     launcher.send_signal(signal.SIGKILL)
     launcher.wait(timeout=60)
     assert wait_dead(worker_pids, 10), [p for p in worker_pids if alive(p)]
+    print(f"workers gone {time.monotonic() - killed:.1f} s after the kill")
   finally:
     launcher.kill()
     launcher.wait()
