@@ -177,14 +177,18 @@ def test_cli_refuses_bad_workers_per_device():
 
 _ORPHAN = """
 import os, subprocess, sys, time
-child = subprocess.Popen([sys.executable, "-c", *sys.argv[1:]])
+# The launcher's pid as the spec gives it (getppid() in the child would name
+# a new parent if this one were already dead), or "1": not its parent.
+code, parent, deaf = sys.argv[1:]
+child = subprocess.Popen([sys.executable, "-c", code,
+                          parent if parent != "0" else str(os.getpid()), deaf])
 print(child.pid, flush=True)
 time.sleep(120)
 """
 _CHILD = ("import os, signal, sys, time; from jaxreg import workers; "
           "sys.argv[2] == '1' and signal.signal(signal.SIGTERM, "
           "signal.SIG_IGN); "
-          "workers.die_with_parent(int(sys.argv[1]) or os.getppid(), "
+          "workers.die_with_parent(int(sys.argv[1]), "
           "grace_s=1.0, poll_s=0.05); time.sleep(120)")
 
 
