@@ -16,6 +16,8 @@ from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
+from jaxreg import launchers  # Light: submitit is imported when used.
+
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Study config file, e.g. configs/mnist.py or "
     "configs/agc.py:smoke.", lock_config=True)
@@ -57,6 +59,47 @@ _SEEDS = flags.DEFINE_integer(
     "means, confidence intervals and tests against the study's baseline.")
 _REPORT = flags.DEFINE_bool(
     "report", True, "Write <workdir>/report.md and figures at the end.")
+_LAUNCHER = flags.DEFINE_enum(
+    "launcher", None, list(launchers.LAUNCHERS), "Submit the runs as "
+    "submitit array tasks instead of training here: slurm (one sbatch "
+    "--array; requeued on preemption) or local (local processes). Waits for "
+    "them, then writes summary.csv and the report as usual.")
+# --slurm.<setting> (launchers.Settings), each its own flag.
+_SLURM = {
+    "partition": flags.DEFINE_string(
+        "slurm.partition", "", "With --launcher=slurm: the partition "
+        "(default: the cluster's)."),
+    "gpus_per_task": flags.DEFINE_integer(
+        "slurm.gpus_per_task", 0, "GPUs per array task (0: none requested; "
+        "local: the GPUs 0..N-1 a task sees).", lower_bound=0),
+    "cpus_per_task": flags.DEFINE_integer(
+        "slurm.cpus_per_task", 0, "CPUs per array task (0: the cluster's "
+        "default).", lower_bound=0),
+    "time": flags.DEFINE_string(
+        "slurm.time", str(launchers.Settings.time), "Time limit of a task: "
+        "minutes or [D-]HH:MM[:SS]. USR2 comes signal_delay_s before it: "
+        "the run checkpoints, the task is requeued and resumes."),
+    "mem_gb": flags.DEFINE_float(
+        "slurm.mem_gb", 0, "Memory per task in GB (0: the cluster's "
+        "default).", lower_bound=0),
+    "array_size": flags.DEFINE_integer(
+        "slurm.array_size", 0, "Array tasks: 0, one per run (variant x "
+        "seed); N, the runs split round-robin into N tasks.", lower_bound=0),
+    "array_parallelism": flags.DEFINE_integer(
+        "slurm.array_parallelism", launchers.Settings.array_parallelism,
+        "At most this many tasks run at once.", lower_bound=1),
+    "signal_delay_s": flags.DEFINE_integer(
+        "slurm.signal_delay_s", launchers.Settings.signal_delay_s,
+        "SLURM sends USR2 this long before the time limit: the run saves a "
+        "checkpoint and the task is requeued.", lower_bound=0),
+    "folder": flags.DEFINE_string(
+        "slurm.folder", "", "submitit's scripts, pickles and logs "
+        "(default: <workdir>/submitit; on SLURM, a shared filesystem)."),
+    "extra": flags.DEFINE_multi_string(
+        "slurm.extra", None, "More #SBATCH options as name=value, e.g. "
+        "--slurm.extra=qos=high --slurm.extra=account=ml (a bare name is "
+        "a switch: --slurm.extra=exclusive)."),
+}
 _FAIL_ON_DIVERGED = flags.DEFINE_bool(
     "fail_on_diverged", False, "Exit with status 3 when a variant diverged "
     "(by default a diverged run is a result of the study: status 0).")
@@ -87,11 +130,22 @@ def launch(config_path: str, *, overrides: dict | None = None,
            shard_index: int | None = None, devices_per_run: int = 0,
            distributed: bool = False, report: bool = True,
            stack: bool = False, stack_mode: str = "auto",
-           seeds: int | None = None,
+           seeds: int | None = None, launcher: str | None = None,
+           slurm: dict | None = None,
            workers_per_device: int = 1) -> list[dict]:
   """What the command does once its flags are parsed: set up the process,
-  run the study's variants, write the report. Returns the summary rows."""
+  run the study's variants (here, or as `launcher` array tasks with the
+  `slurm` settings), write the report. Returns the summary rows."""
   from jaxreg import sweep  # After absl parsed the flags.
+  if launcher is not None:
+    launchers.check(launcher, slurm)  # Before anything is submitted.
+    if distributed:
+      raise Refused("--distributed and --launcher do not combine: each "
+                    "launcher task is one process (README, \"Several "
+                    "machines\", for one run over several hosts)")
+  elif slurm:
+    raise Refused(f"--slurm.{next(iter(slurm))} needs --launcher=slurm (or "
+                  "local)")
   workdir = workdir or default_workdir(config_path)
   if shard_index is None:
     shard_index = default_shard_index()
@@ -103,7 +157,7 @@ def launch(config_path: str, *, overrides: dict | None = None,
           f"--shard_index=I (0 <= I < {num_shards}) or run it as a job array "
           f"(${' / $'.join(SHARD_INDEX_VARS)})")
     shard_index = 0
-  if not dry_run:
+  if not dry_run and launcher is None:  # Tasks set themselves up.
     from jaxreg import runtime
     runtime.setup(distributed=distributed)  # Before JAX starts a backend.
     logging.set_verbosity(logging.INFO)
@@ -111,7 +165,8 @@ def launch(config_path: str, *, overrides: dict | None = None,
                    variants=variants, num_shards=num_shards,
                    shard_index=shard_index, devices_per_run=devices_per_run,
                    dry_run=dry_run, stack=stack, stack_mode=stack_mode,
-                   seeds=seeds, workers_per_device=workers_per_device)
+                   seeds=seeds, launcher=launcher, slurm=slurm,
+                   workers_per_device=workers_per_device)
   if dry_run:
     return rows
   for r in rows:
@@ -143,7 +198,9 @@ def _main(argv):
         devices_per_run=_DEVICES_PER_RUN.value,
         distributed=_DISTRIBUTED.value, report=_REPORT.value,
         stack=_STACK.value, stack_mode=_STACK_MODE.value,
-        seeds=_SEEDS.value, workers_per_device=_WORKERS_PER_DEVICE.value)
+        seeds=_SEEDS.value, launcher=_LAUNCHER.value,
+        slurm=_slurm_settings(),
+        workers_per_device=_WORKERS_PER_DEVICE.value)
   except (ValueError, KeyError, TypeError, FileNotFoundError) as e:
     # Refusals before anything ran (unknown variant, bad shard, a config
     # that does not load): one line; a traceback only with --verbosity.
@@ -153,6 +210,15 @@ def _main(argv):
   if _DRY_RUN.value:
     sys.exit(sweep.OK)
   sys.exit(sweep.exit_status(rows, fail_on_diverged=_FAIL_ON_DIVERGED.value))
+
+
+def _slurm_settings() -> dict:
+  """The --slurm.* settings given on the command line (a plain dict)."""
+  given = {k: f.value for k, f in _SLURM.items() if f.present}
+  if "extra" in given:
+    pairs = [e.partition("=") for e in given["extra"]]
+    given["extra"] = {k: v if sep else True for k, sep, v in pairs}
+  return given
 
 
 def _refuse(error: BaseException) -> None:
@@ -169,7 +235,9 @@ def _parse_flags(argv: list[str]) -> list[str]:
   try:
     return flags.FLAGS(argv)
   except flags.Error as e:
-    print(f"jaxreg: {e}\nPass --helpshort to list the flags.",
+    hint = ("\nValid --slurm settings: " + ", ".join(launchers.SETTINGS)
+            if "'slurm." in str(e) else "")
+    print(f"jaxreg: {e}{hint}\nPass --helpshort to list the flags.",
           file=sys.stderr)
     sys.exit(2)
   except Exception as e:  # pylint: disable=broad-except

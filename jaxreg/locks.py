@@ -192,6 +192,11 @@ def each_locked(workdir: str | os.PathLike, items: Sequence[T],
         release_all(held)
 
 
+def maybe_lock(workdir: str | os.PathLike, name: str, enabled: bool = True):
+  """The lock of `name` as a context manager (waiting for it), or nothing."""
+  return FileLock(workdir, name) if enabled else contextlib.nullcontext()
+
+
 @contextlib.contextmanager
 def table_lock(workdir: str | os.PathLike, enabled: bool = True
                ) -> Iterator[None]:

@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import csv
 import dataclasses
+import functools
 import io
 import json
 import os
@@ -140,27 +141,22 @@ def write_table(workdir: Path, variants: Sequence[Variant],
   refused keeps the row its directory gives (its old results); `refused`
   rows stand only for variants without any.
   """
-  with locks.table_lock(workdir, enabled=results.is_writer()):
-    return _write_table(workdir, variants, refused)
-
-
-def _write_table(workdir: Path, variants: Sequence[Variant],
-                 refused: dict[str, dict] | None) -> list[dict]:
   axes = _axes(variants)
-  rows = []
-  for v in variants:
-    summary = results.read_summary(workdir / v.name)
-    rows.append(_row(v, summary, axes) if summary is not None or
-                v.name not in (refused or {}) else refused[v.name])
   buf = io.StringIO()
   writer = csv.DictWriter(buf, fieldnames=["variant", "status", *axes,
                                            *SUMMARY_COLUMNS])
   writer.writeheader()
-  for r in rows:
-    writer.writerow({k: ("" if val is None else format_value(val)
-                         if isinstance(val, (tuple, list)) else val)
-                     for k, val in r.items()})
-  results.write_atomic(workdir / "summary.csv", buf.getvalue())
+  with locks.table_lock(workdir, enabled=results.is_writer()):
+    rows = []
+    for v in variants:
+      summary = results.read_summary(workdir / v.name)
+      rows.append(_row(v, summary, axes) if summary is not None or
+                  v.name not in (refused or {}) else refused[v.name])
+    for r in rows:
+      writer.writerow({k: ("" if val is None else format_value(val)
+                           if isinstance(val, (tuple, list)) else val)
+                       for k, val in r.items()})
+    results.write_atomic(workdir / "summary.csv", buf.getvalue())
   return rows
 
 
@@ -244,7 +240,9 @@ def run(config: str | ml_collections.ConfigDict, *,
         print_fn: Callable[[str], None] = print,
         stack: bool = False, stack_mode: str = "auto",
         seeds: int | None = None,
-        workers_per_device: int = 1) -> list[dict]:
+        workers_per_device: int = 1,
+        launcher: str | None = None, slurm: dict | None = None
+        ) -> list[dict]:
   """Runs a study's variants; returns one summary row per run.
 
   Args:
@@ -270,6 +268,13 @@ def run(config: str | ml_collections.ConfigDict, *,
       `<variant>/seed=K` (see `replicate`); default `config.num_seeds`.
     workers_per_device: side-by-side workers sharing each device group
       (GPU memory split between them; workers.worker_env).
+    launcher: None trains here; "slurm" or "local" submits the runs as
+      submitit array tasks that each run this function for their variants
+      into `workdir`, waits for them and returns the rows of the table they
+      leave (jaxreg/launchers.py).
+    slurm: the launcher's settings (launchers.Settings: partition,
+      gpus_per_task, cpus_per_task, time, mem_gb, array_size,
+      array_parallelism, signal_delay_s, folder, extra).
   """
   if workers_per_device < 1:
     raise ValueError(f"workers_per_device={workers_per_device} must be >= 1 "
@@ -290,6 +295,18 @@ def run(config: str | ml_collections.ConfigDict, *,
       print_fn(f"{v.name}  {json.dumps(v.overrides)}")
     print_fn(replicas.count_line([v.name for v in todo], num_seeds))
     return [_row(v, None, _axes(all_variants)) for v in todo]
+  if launcher is None and slurm:
+    raise ValueError(f"slurm={slurm!r} needs launcher='slurm' (or 'local')")
+  if launcher is not None:  # Each array task runs this function again.
+    from jaxreg import launchers  # Imports submitit; only when asked for.
+    task_rows = launchers.launch(launcher, functools.partial(
+        run, config, workdir=str(Path(workdir).absolute()),
+        overrides=overrides, sweep=sweep,
+        devices_per_run=devices_per_run, side_by_side=False, stack=stack,
+        stack_mode=stack_mode, seeds=num_seeds, print_fn=print_fn),
+        [v.name for v in todo], workdir, slurm,
+        job_name=study.base.get("name", "jaxreg"))
+    return _gathered(Path(workdir), all_variants, todo, task_rows)
   from jaxreg import runtime  # Imports JAX; keep dry runs light.
   runtime.setup()
   workdir = Path(workdir)
@@ -302,11 +319,18 @@ def run(config: str | ml_collections.ConfigDict, *,
   if _is_single(all_variants):
     job = prepare(study.base, all_variants[0], workdir, devices_per_run)
     locked = use_locks and job.error is None
-    with (locks.FileLock(workdir, job.variant.name) if locked else
-          contextlib.nullcontext()):  # Waits while another job trains it.
+    with locks.maybe_lock(workdir, job.variant.name, locked):  # Waits.
       if locked:  # Again: another job may have finished it meanwhile.
         job = prepare(study.base, job.variant, workdir, devices_per_run)
-      return [_run_single(job, stack_mode)]
+      if job.error is not None:
+        return [_row(job.variant, {"status": "refused", "error": job.error},
+                     [])]
+      try:
+        summary = _run_jobs([job], stack_mode)[0]
+      except Exception as e:  # Recorded in its summary.json.
+        logging.exception("%s failed", workdir)
+        summary = {"status": "failed", "error": f"{type(e).__name__}: {e}"}
+      return [_row(job.variant, summary, [])]
 
   jobs = [prepare(study.base, v, workdir / v.name, devices_per_run)
           for v in todo]
@@ -331,18 +355,15 @@ def run(config: str | ml_collections.ConfigDict, *,
                             [j.variant for j in runnable], workdir,
                             stack=stack, stack_mode=stack_mode,
                             seeds=num_seeds)
-    rows = {r["variant"]: r for r in write_table(workdir, all_variants,
-                                                  refused)}
-    rows.update(refused)
-    return [rows[v.name] for v in todo]
+    return _table_rows(workdir, all_variants, todo, refused)
 
   done_count = 0
   groups = _stack_groups(jobs) if stack else [[j] for j in jobs]
-  held_line = lambda g: print_fn(f"{', '.join(j.variant.name for j in g)}: "
-                                 "held by another job; back to it later")
   with contextlib.closing(locks.each_locked(
-      workdir, groups, _lock_names, enabled=use_locks,
-      on_held=held_line)) as turns:
+      workdir, groups, lambda g: [] if any(j.error for j in g) else
+      [j.variant.name for j in g], enabled=use_locks, on_held=lambda g:
+      print_fn(f"{g[0].variant.name}: held by another job; back to it later")
+      )) as turns:
     for group in turns:
       names = [j.variant.name for j in group]
       if len(group) > 1:
@@ -368,28 +389,29 @@ def run(config: str | ml_collections.ConfigDict, *,
         except Exception:  # Recorded in its summary.json; the sweep goes on.
           logging.exception("%s failed", ", ".join(names))
       write_table(workdir, all_variants, refused)
-  rows = {r["variant"]: r for r in write_table(workdir, all_variants,
-                                                refused)}
+  return _table_rows(workdir, all_variants, todo, refused)
+
+
+def _table_rows(workdir: Path, all_variants: Sequence[Variant],
+                todo: Sequence[Variant], refused: dict) -> list[dict]:
+  """The rows of `todo`: summary.csv rebuilt, refusals from `refused`."""
+  rows = {r["variant"]: r for r in write_table(workdir, all_variants, refused)}
   rows.update(refused)
   return [rows[v.name] for v in todo]
 
 
-def _run_single(job: Job, stack_mode: str) -> dict:
-  if job.error is not None:
-    return _row(job.variant, {"status": "refused", "error": job.error}, [])
-  try:
-    summary = _run_jobs([job], stack_mode)[0]
-  except Exception as e:  # Recorded in its summary.json.
-    logging.exception("%s failed", job.run_dir)
-    summary = {"status": "failed", "error": f"{type(e).__name__}: {e}"}
-  return _row(job.variant, summary, [])
-
-
-def _lock_names(group: Sequence[Job]) -> list[str]:
-  """The variant locks a group takes: none for a refused one (untouched)."""
-  if any(j.error is not None for j in group):
-    return []
-  return [j.variant.name for j in group]
+def _gathered(workdir: Path, all_variants: Sequence[Variant],
+              todo: Sequence[Variant], task_rows: Sequence[dict]
+              ) -> list[dict]:
+  """The rows of `todo` after launcher tasks ran them: summary.csv rebuilt
+  from the run directories, refusals from the tasks' rows."""
+  if _is_single(all_variants):
+    summary = results.read_summary(workdir)
+    return list(task_rows) or [_row(todo[0], summary, [])]
+  refused = {r["variant"]: r for r in task_rows if r["status"] == "refused"}
+  if len(refused) == len(todo):
+    return [refused[v.name] for v in todo]  # Nothing ran: no table.
+  return _table_rows(workdir, all_variants, todo, refused)
 
 
 # Exit statuses of a job (README, "When things fail"); an interrupted run
