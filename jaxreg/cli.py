@@ -38,6 +38,10 @@ _DEVICES_PER_RUN = flags.DEFINE_integer(
     "devices_per_run", 0, "Devices per run. 0: a single run uses every "
     "device; a sweep runs one variant per device side by side. N: each run "
     "is data-parallel over N devices.")
+_WORKERS_PER_DEVICE = flags.DEFINE_integer(
+    "workers_per_device", 1, "Side-by-side sweep workers per device group "
+    "(>1: they share its memory, each preallocating none and taking "
+    "0.9/N of it), for variants too small to fill a GPU.")
 _DISTRIBUTED = flags.DEFINE_bool(
     "distributed", False, "One run over several processes or hosts: start "
     "the same command in each; jax.distributed finds the others from the "
@@ -130,7 +134,8 @@ def launch(config_path: str, *, overrides: dict | None = None,
            distributed: bool = False, report: bool = True,
            stack: bool = False, stack_mode: str = "auto",
            seeds: int | None = None, launcher: str | None = None,
-           slurm: dict | None = None) -> list[dict]:
+           slurm: dict | None = None,
+           workers_per_device: int = 1) -> list[dict]:
   """What the command does once its flags are parsed: set up the process,
   run the study's variants (here, or as `launcher` array tasks with the
   `slurm` settings), write the report. Returns the summary rows."""
@@ -163,7 +168,8 @@ def launch(config_path: str, *, overrides: dict | None = None,
                    variants=variants, num_shards=num_shards,
                    shard_index=shard_index, devices_per_run=devices_per_run,
                    dry_run=dry_run, stack=stack, stack_mode=stack_mode,
-                   seeds=seeds, launcher=launcher, slurm=slurm)
+                   seeds=seeds, launcher=launcher, slurm=slurm,
+                   workers_per_device=workers_per_device)
   if dry_run:
     return rows
   for r in rows:
@@ -196,7 +202,8 @@ def _main(argv):
         distributed=_DISTRIBUTED.value, report=_REPORT.value,
         stack=_STACK.value, stack_mode=_STACK_MODE.value,
         seeds=_SEEDS.value, launcher=_LAUNCHER.value,
-        slurm=_slurm_settings())
+        slurm=_slurm_settings(),
+        workers_per_device=_WORKERS_PER_DEVICE.value)
   except (ValueError, KeyError, TypeError, FileNotFoundError) as e:
     # Refusals before anything ran (unknown variant, bad shard, a config
     # that does not load): one line; a traceback only with --verbosity.

@@ -17,6 +17,7 @@ Run as a worker (internal): `python -m jaxreg.sweep --spec=<spec.json>`.
 """
 from __future__ import annotations
 
+import contextlib
 import csv
 import dataclasses
 import functools
@@ -32,6 +33,7 @@ import ml_collections
 from absl import logging
 
 from jaxreg import config as config_lib
+from jaxreg import locks
 from jaxreg import replicas
 from jaxreg import results
 from jaxreg import workers as workers_lib
@@ -134,25 +136,27 @@ def write_table(workdir: Path, variants: Sequence[Variant],
   """Rebuilds summary.csv from every variant's summary.json on disk.
 
   Reading the disk (not memory) lets shards on several machines sharing one
-  filesystem each write a complete table. A variant this job refused keeps
-  the row its directory gives (its old results); `refused` rows stand only
-  for variants without any.
+  filesystem each write a complete table; the table lock makes the last
+  writer the one that read every other's results. A variant this job
+  refused keeps the row its directory gives (its old results); `refused`
+  rows stand only for variants without any.
   """
   axes = _axes(variants)
-  rows = []
-  for v in variants:
-    summary = results.read_summary(workdir / v.name)
-    rows.append(_row(v, summary, axes) if summary is not None or
-                v.name not in (refused or {}) else refused[v.name])
   buf = io.StringIO()
   writer = csv.DictWriter(buf, fieldnames=["variant", "status", *axes,
                                            *SUMMARY_COLUMNS])
   writer.writeheader()
-  for r in rows:
-    writer.writerow({k: ("" if val is None else format_value(val)
-                         if isinstance(val, (tuple, list)) else val)
-                     for k, val in r.items()})
-  results.write_atomic(workdir / "summary.csv", buf.getvalue())
+  with locks.table_lock(workdir, enabled=results.is_writer()):
+    rows = []
+    for v in variants:
+      summary = results.read_summary(workdir / v.name)
+      rows.append(_row(v, summary, axes) if summary is not None or
+                  v.name not in (refused or {}) else refused[v.name])
+    for r in rows:
+      writer.writerow({k: ("" if val is None else format_value(val)
+                           if isinstance(val, (tuple, list)) else val)
+                       for k, val in r.items()})
+    results.write_atomic(workdir / "summary.csv", buf.getvalue())
   return rows
 
 
@@ -236,6 +240,7 @@ def run(config: str | ml_collections.ConfigDict, *,
         print_fn: Callable[[str], None] = print,
         stack: bool = False, stack_mode: str = "auto",
         seeds: int | None = None,
+        workers_per_device: int = 1,
         launcher: str | None = None, slurm: dict | None = None
         ) -> list[dict]:
   """Runs a study's variants; returns one summary row per run.
@@ -261,6 +266,8 @@ def run(config: str | ml_collections.ConfigDict, *,
     stack_mode: "auto", "vmap" or "loop" (see jaxreg/stacked.py).
     seeds: run every variant for seeds 0..seeds-1 as replicas
       `<variant>/seed=K` (see `replicate`); default `config.num_seeds`.
+    workers_per_device: side-by-side workers sharing each device group
+      (GPU memory split between them; workers.worker_env).
     launcher: None trains here; "slurm" or "local" submits the runs as
       submitit array tasks that each run this function for their variants
       into `workdir`, waits for them and returns the rows of the table they
@@ -269,6 +276,9 @@ def run(config: str | ml_collections.ConfigDict, *,
       gpus_per_task, cpus_per_task, time, mem_gb, array_size,
       array_parallelism, signal_delay_s, folder, extra).
   """
+  if workers_per_device < 1:
+    raise ValueError(f"workers_per_device={workers_per_device} must be >= 1 "
+                     "(side-by-side workers sharing each device)")
   if devices_per_run < 0:
     raise ValueError(f"devices_per_run={devices_per_run} must be >= 0 "
                      "(0: all devices for one run, one each in a sweep)")
@@ -301,17 +311,26 @@ def run(config: str | ml_collections.ConfigDict, *,
   runtime.setup()
   workdir = Path(workdir)
   axes = _axes(all_variants)
+  # One run over several processes (jax.distributed): every process runs
+  # the same sweep in lockstep and only process 0 writes, so no variant
+  # locks: a process skipping a variant the others train would hang them.
+  import jax
+  use_locks = jax.process_count() == 1
   if _is_single(all_variants):
     job = prepare(study.base, all_variants[0], workdir, devices_per_run)
-    if job.error is not None:
-      return [_row(job.variant, {"status": "refused", "error": job.error},
-                   [])]
-    try:
-      summary = _run_jobs([job], stack_mode)[0]
-    except Exception as e:  # Recorded in its summary.json.
-      logging.exception("%s failed", workdir)
-      summary = {"status": "failed", "error": f"{type(e).__name__}: {e}"}
-    return [_row(all_variants[0], summary, [])]
+    locked = use_locks and job.error is None
+    with locks.maybe_lock(workdir, job.variant.name, locked):  # Waits.
+      if locked:  # Again: another job may have finished it meanwhile.
+        job = prepare(study.base, job.variant, workdir, devices_per_run)
+      if job.error is not None:
+        return [_row(job.variant, {"status": "refused", "error": job.error},
+                     [])]
+      try:
+        summary = _run_jobs([job], stack_mode)[0]
+      except Exception as e:  # Recorded in its summary.json.
+        logging.exception("%s failed", workdir)
+        summary = {"status": "failed", "error": f"{type(e).__name__}: {e}"}
+      return [_row(job.variant, summary, [])]
 
   jobs = [prepare(study.base, v, workdir / v.name, devices_per_run)
           for v in todo]
@@ -322,40 +341,61 @@ def run(config: str | ml_collections.ConfigDict, *,
     # Nothing to run: leave every file as it was.
     return list(refused.values())
   workdir.mkdir(parents=True, exist_ok=True)
-  results.write_json(workdir / "sweep.json", {
-      "study": study.base.name, "config": study.path, "axes": axes,
-      "variants": [dataclasses.asdict(v) for v in all_variants],
-      "num_seeds": num_seeds, "report": study.report})
+  with locks.table_lock(workdir, enabled=results.is_writer()):
+    results.write_json(workdir / "sweep.json", {
+        "study": study.base.name, "config": study.path, "axes": axes,
+        "variants": [dataclasses.asdict(v) for v in all_variants],
+        "num_seeds": num_seeds, "report": study.report})
   runnable = [j for j in jobs if j.error is None]
-  workers = (workers_lib.plan_workers(devices_per_run, len(runnable)) if side_by_side
-             else [])
+  workers = (workers_lib.plan_workers(devices_per_run, len(runnable),
+                                      workers_per_device)
+             if side_by_side else [])
   if workers:
     workers_lib.run_workers(workers, study.path, study.base, overrides, sweep,
-                [j.variant for j in runnable], workdir, stack=stack,
-                stack_mode=stack_mode, seeds=num_seeds)
-    rows = {r["variant"]: r for r in write_table(workdir, all_variants,
-                                                  refused)}
-    rows.update(refused)
-    return [rows[v.name] for v in todo]
+                            [j.variant for j in runnable], workdir,
+                            stack=stack, stack_mode=stack_mode,
+                            seeds=num_seeds)
+    return _table_rows(workdir, all_variants, todo, refused)
 
   done_count = 0
-  for group in (_stack_groups(jobs) if stack else [[j] for j in jobs]):
-    names = [j.variant.name for j in group]
-    if len(group) > 1:
-      print_fn(f"[{done_count + 1}-{done_count + len(group)}/{len(todo)}] "
-               f"stacked: {', '.join(names)}")
-    else:
-      print_fn(f"[{done_count + 1}/{len(todo)}] {names[0]}")
-    done_count += len(group)
-    if any(j.error is not None for j in group):
-      continue  # Refused: nothing of it is touched (prepare logged why).
-    try:
-      _run_jobs(group, stack_mode, workdir)
-    except Exception:  # Recorded in its summary.json; the sweep goes on.
-      logging.exception("%s failed", ", ".join(names))
-    write_table(workdir, all_variants, refused)
-  rows = {r["variant"]: r for r in write_table(workdir, all_variants,
-                                                refused)}
+  groups = _stack_groups(jobs) if stack else [[j] for j in jobs]
+  with contextlib.closing(locks.each_locked(
+      workdir, groups, lambda g: [] if any(j.error for j in g) else
+      [j.variant.name for j in g], enabled=use_locks, on_held=lambda g:
+      print_fn(f"{g[0].variant.name}: held by another job; back to it later")
+      )) as turns:
+    for group in turns:
+      names = [j.variant.name for j in group]
+      if len(group) > 1:
+        print_fn(f"[{done_count + 1}-{done_count + len(group)}/{len(todo)}] "
+                 f"stacked: {', '.join(names)}")
+      else:
+        print_fn(f"[{done_count + 1}/{len(todo)}] {names[0]}")
+      done_count += len(group)
+      if any(j.error is not None for j in group):
+        continue  # Refused: nothing of it is touched (prepare logged why).
+      # Prepared again under its locks: another job may have finished or
+      # checkpointed a member meanwhile (then skipped, or resumed alone).
+      group = [prepare(study.base, j.variant, j.run_dir, devices_per_run)
+               for j in group]
+      for sub in _stack_groups(group) if len(group) > 1 else [group]:
+        if sub[0].error is not None:
+          refused[sub[0].variant.name] = _row(
+              sub[0].variant, {"status": "refused", "error": sub[0].error},
+              axes)
+          continue
+        try:
+          _run_jobs(sub, stack_mode, workdir)
+        except Exception:  # Recorded in its summary.json; the sweep goes on.
+          logging.exception("%s failed", ", ".join(names))
+      write_table(workdir, all_variants, refused)
+  return _table_rows(workdir, all_variants, todo, refused)
+
+
+def _table_rows(workdir: Path, all_variants: Sequence[Variant],
+                todo: Sequence[Variant], refused: dict) -> list[dict]:
+  """The rows of `todo`: summary.csv rebuilt, refusals from `refused`."""
+  rows = {r["variant"]: r for r in write_table(workdir, all_variants, refused)}
   rows.update(refused)
   return [rows[v.name] for v in todo]
 
@@ -371,10 +411,7 @@ def _gathered(workdir: Path, all_variants: Sequence[Variant],
   refused = {r["variant"]: r for r in task_rows if r["status"] == "refused"}
   if len(refused) == len(todo):
     return [refused[v.name] for v in todo]  # Nothing ran: no table.
-  rows = {r["variant"]: r for r in write_table(workdir, all_variants,
-                                                refused)}
-  rows.update(refused)
-  return [rows[v.name] for v in todo]
+  return _table_rows(workdir, all_variants, todo, refused)
 
 
 # Exit statuses of a job (README, "When things fail"); an interrupted run
@@ -438,20 +475,11 @@ def _stack_groups(jobs: Sequence[Job]) -> list[list[Job]]:
 
 
 def _worker_main(spec_path: str) -> int:
-  spec = results.read_json(spec_path)
-  config = spec["config_path"]
-  if config is None:
-    config = ml_collections.ConfigDict(spec["config"])
+  kwargs = workers_lib.worker_args(spec_path)  # Ties it to its launcher.
   from jaxreg import runtime
   runtime.setup()
   logging.set_verbosity(logging.INFO)
-  rows = run(config, workdir=spec["workdir"], overrides=spec["overrides"],
-             sweep=spec["sweep"], variants=spec["variants"],
-             devices_per_run=spec["devices_per_run"], side_by_side=False,
-             stack=spec.get("stack", False),
-             stack_mode=spec.get("stack_mode", "auto"),
-             seeds=spec.get("seeds", 1))
-  return exit_status(rows)
+  return exit_status(run(**kwargs))
 
 
 if __name__ == "__main__":
