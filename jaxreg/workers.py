@@ -95,6 +95,10 @@ def plan_workers(devices_per_run: int, num_variants: int,
   if num_variants < 2:
     return []
   import jax
+  if jax.process_count() > 1:
+    # One run over several processes: its processes train the sweep in
+    # lockstep; workers of one process would not be part of that run.
+    return []
   return worker_groups(jax.default_backend(),
                        [d.id for d in jax.local_devices()], devices_per_run,
                        num_variants, workers_per_device=workers_per_device,
