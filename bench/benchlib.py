@@ -154,6 +154,36 @@ def mnist_config(arg: str | None = None) -> ml_collections.ConfigDict:
   return study_config("mnist", arg)
 
 
+@norms.register("batch_autodiff", ("momentum", "epsilon"))
+class AutodiffBatchNorm(nn.Module):
+  """norm=batch as it was before its closed-form backward pass
+  (norms.batch_norm_affine): the same forward formula, differentiated by
+  JAX. A variant `model.norm=batch_autodiff` compares the two in one
+  process (no virtual batches, as S4 and S5)."""
+  momentum: float = 0.9
+  epsilon: float = 1e-5
+
+  @nn.compact
+  def __call__(self, x, train: bool = False):
+    c = x.shape[-1]
+    ra_mean = self.variable("batch_stats", "mean", lambda: jnp.zeros((c,)))
+    ra_var = self.variable("batch_stats", "var", lambda: jnp.ones((c,)))
+    scale = self.param("scale", nn.initializers.ones, (c,), jnp.float32)
+    bias = self.param("bias", nn.initializers.zeros, (c,), jnp.float32)
+    if not train:
+      return (x - ra_mean.value) * jnp.reciprocal(
+          jnp.sqrt(ra_var.value + self.epsilon)) * scale + bias
+    axes = tuple(range(x.ndim - 1))
+    mean = x.mean(axes)
+    var = jnp.square(x - mean).mean(axes)
+    if not self.is_initializing():
+      m = self.momentum
+      ra_mean.value = m * ra_mean.value + (1 - m) * mean
+      ra_var.value = m * ra_var.value + (1 - m) * var
+    return (x - mean) * jnp.reciprocal(jnp.sqrt(var + self.epsilon)) * \
+        scale + bias
+
+
 class BareLoop:
   """A hand-written jitted Flax loop: what a user writes without jaxreg.
 

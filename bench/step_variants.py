@@ -13,7 +13,9 @@ and the median over rounds of each variant's time / the first variant's.
 
 A variant is 'NAME:SPEC' with SPEC a comma-free list of ';'-separated items:
 `key=value` config overrides, `xla=default` (XLA's default options) or
-`xla.KEY=VALUE` (compiler options replacing the trainer's).
+`xla.KEY=VALUE` (compiler options replacing the trainer's). The norm
+`batch_autodiff` (benchlib.AutodiffBatchNorm) is norm=batch differentiated
+by JAX, as it was before its closed-form backward pass.
 """
 from __future__ import annotations
 
@@ -30,10 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import benchlib  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 jax = benchlib.jax
-jnp = benchlib.jnp
 np = benchlib.np
-nn = benchlib.nn
-norms = benchlib.norms
 
 _STUDY = flags.DEFINE_enum("study", "resnet14", list(benchlib.RESNET_STUDIES),
                            "benchlib.RESNET_STUDIES entry.")
@@ -41,36 +40,6 @@ _VARIANTS = flags.DEFINE_multi_string("variant", ["base:"], "NAME:SPEC.")
 _OVERRIDE = flags.DEFINE_multi_string("override", [], "Overrides for all.")
 _ROUNDS = flags.DEFINE_integer("rounds", 5, "Alternating rounds.")
 _STEPS = flags.DEFINE_integer("steps", 5, "Steps per variant per round.")
-
-
-@norms.register("batch_autodiff", ("momentum", "epsilon"))
-class AutodiffBatchNorm(nn.Module):
-  """norm=batch as it was before its closed-form backward pass
-  (norms.batch_norm_affine): the same forward formula, differentiated by
-  JAX. A variant `model.norm=batch_autodiff` compares the two in one
-  process (no virtual batches, as S4 and S5)."""
-  momentum: float = 0.9
-  epsilon: float = 1e-5
-
-  @nn.compact
-  def __call__(self, x, train: bool = False):
-    c = x.shape[-1]
-    ra_mean = self.variable("batch_stats", "mean", lambda: jnp.zeros((c,)))
-    ra_var = self.variable("batch_stats", "var", lambda: jnp.ones((c,)))
-    scale = self.param("scale", nn.initializers.ones, (c,), jnp.float32)
-    bias = self.param("bias", nn.initializers.zeros, (c,), jnp.float32)
-    if not train:
-      return (x - ra_mean.value) * jnp.reciprocal(
-          jnp.sqrt(ra_var.value + self.epsilon)) * scale + bias
-    axes = tuple(range(x.ndim - 1))
-    mean = x.mean(axes)
-    var = jnp.square(x - mean).mean(axes)
-    if not self.is_initializing():
-      m = self.momentum
-      ra_mean.value = m * ra_mean.value + (1 - m) * mean
-      ra_var.value = m * ra_var.value + (1 - m) * var
-    return (x - mean) * jnp.reciprocal(jnp.sqrt(var + self.epsilon)) * \
-        scale + bias
 
 
 def build(spec: str, overrides: list[str]):
