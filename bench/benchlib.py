@@ -20,6 +20,7 @@ if str(ROOT) not in sys.path:
   sys.path.insert(0, str(ROOT))
 
 import jax  # pylint: disable=g-import-not-at-top
+import flax.linen as nn  # pylint: disable=g-import-not-at-top
 import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
 import ml_collections  # pylint: disable=g-import-not-at-top
 import numpy as np  # pylint: disable=g-import-not-at-top
@@ -29,6 +30,7 @@ from jaxreg import config as config_lib  # pylint: disable=g-import-not-at-top
 from jaxreg import data as data_lib  # pylint: disable=g-import-not-at-top
 from jaxreg import engine as engine_lib  # pylint: disable=g-import-not-at-top
 from jaxreg import models  # pylint: disable=g-import-not-at-top
+from jaxreg import norms  # pylint: disable=g-import-not-at-top
 from jaxreg import steps as steps_lib  # pylint: disable=g-import-not-at-top
 from jaxreg import train  # pylint: disable=g-import-not-at-top
 from jaxreg import hostmem  # pylint: disable=g-import-not-at-top
@@ -107,10 +109,79 @@ def synthetic_dataset(image_shape: tuple[int, int, int], num_classes: int,
       class_names=tuple(str(i) for i in range(num_classes)))
 
 
+def study_config(study: str, arg: str | None = None,
+                 overrides: Sequence[str] = ()) -> ml_collections.ConfigDict:
+  """configs/<study>.py's get_config(arg), then `overrides` ("key=value",
+  values parsed as on the command line)."""
+  module, _ = config_lib.load_config_file(str(ROOT / "configs" /
+                                              f"{study}.py"))
+  return with_overrides(module.get_config(arg), overrides)
+
+
+def with_overrides(config: ml_collections.ConfigDict,
+                   overrides: Sequence[str]) -> ml_collections.ConfigDict:
+  """`config` with dotted "key=value" overrides applied."""
+  for kv in overrides:
+    key, _, value = kv.partition("=")
+    config = config_lib.apply_overrides(
+        config, {key: config_lib.parse_value(value)})
+  return config
+
+
+# The ResNet benchmarks (resnet_epoch.py, profile_step.py, step_variants.py):
+# name -> (config file, overrides). Fashion-MNIST's shape (28x28x1, the
+# dataset these machines have), as issue 19's measurements; S4's feature
+# quantiles are an evaluation-time extra, not part of the step.
+RESNET_STUDIES = {
+    "resnet14": ("norms", ["dataset.name=fashion_mnist",
+                           "train.feature_layer=''"]),
+    "resnet9": ("resnet9", ["dataset.name=fashion_mnist",
+                            "train.batch_size=32"]),
+    # S3 (configs/mnist.py) for the step-level comparisons.
+    "s3": ("mnist", []),
+}
+
+
+def resnet_config(study: str, overrides: Sequence[str] = ()
+                  ) -> ml_collections.ConfigDict:
+  """A RESNET_STUDIES configuration with more `overrides`."""
+  name, base = RESNET_STUDIES[study]
+  return study_config(name, None, list(base) + list(overrides))
+
+
 def mnist_config(arg: str | None = None) -> ml_collections.ConfigDict:
   """configs/mnist.py: study S3's configuration."""
-  module, _ = config_lib.load_config_file(str(ROOT / "configs" / "mnist.py"))
-  return module.get_config(arg)
+  return study_config("mnist", arg)
+
+
+@norms.register("batch_autodiff", ("momentum", "epsilon"))
+class AutodiffBatchNorm(nn.Module):
+  """norm=batch as it was before its closed-form backward pass
+  (norms.batch_norm_affine): the same forward formula, differentiated by
+  JAX. A variant `model.norm=batch_autodiff` compares the two in one
+  process (no virtual batches, as S4 and S5)."""
+  momentum: float = 0.9
+  epsilon: float = 1e-5
+
+  @nn.compact
+  def __call__(self, x, train: bool = False):
+    c = x.shape[-1]
+    ra_mean = self.variable("batch_stats", "mean", lambda: jnp.zeros((c,)))
+    ra_var = self.variable("batch_stats", "var", lambda: jnp.ones((c,)))
+    scale = self.param("scale", nn.initializers.ones, (c,), jnp.float32)
+    bias = self.param("bias", nn.initializers.zeros, (c,), jnp.float32)
+    if not train:
+      return (x - ra_mean.value) * jnp.reciprocal(
+          jnp.sqrt(ra_var.value + self.epsilon)) * scale + bias
+    axes = tuple(range(x.ndim - 1))
+    mean = x.mean(axes)
+    var = jnp.square(x - mean).mean(axes)
+    if not self.is_initializing():
+      m = self.momentum
+      ra_mean.value = m * ra_mean.value + (1 - m) * mean
+      ra_var.value = m * ra_var.value + (1 - m) * var
+    return (x - mean) * jnp.reciprocal(jnp.sqrt(var + self.epsilon)) * \
+        scale + bias
 
 
 class BareLoop:

@@ -79,12 +79,7 @@ _CHILD = flags.DEFINE_string("child", None, "(internal) time this loop in "
 
 
 def _config(overrides=()):
-  config = benchlib.mnist_config()
-  for kv in overrides:
-    key, _, value = kv.partition("=")
-    config = config_lib.apply_overrides(
-        config, {key: config_lib.parse_value(value)})
-  return config
+  return benchlib.with_overrides(benchlib.mnist_config(), overrides)
 
 
 def _timed(loops: dict, epochs: int) -> dict:
@@ -205,6 +200,11 @@ def main(argv):
        "page faults/step", "steady epochs s"], rows,
       f"S3 (configs/mnist.py) on MNIST, {images} images/epoch, "
       f"{_ROUNDS.value} rounds, load {load0:.2f} -> {load1:.2f}")
+
+  # For bench/ab.py: steady epoch seconds.
+  print("RESULT " + json.dumps(
+      {n: benchlib.median([t for res in runs[n] for t in res["steady_s"]])
+       for n in names}), flush=True)
 
   if _SCAN_STEPS.value:
     load0 = benchlib.load_avg()

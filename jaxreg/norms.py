@@ -37,6 +37,7 @@ import math
 from typing import Any, Callable, Mapping
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 import ml_collections
 
@@ -182,15 +183,18 @@ class _RunningStatsNorm(nn.Module):
   unbiased_running_var: bool = False
 
 
-def _batch_normalize(module: _RunningStatsNorm, x, train: bool, kind: str):
-  """(x - mean) / sqrt(var + eps) per channel, without the affine part.
+def _batch_normalize(module: _RunningStatsNorm, x, train: bool, kind: str,
+                     affine: tuple[Any, Any] | None = None):
+  """(x - mean) / sqrt(var + eps) per channel, then `scale * . + bias` when
+  `affine` = (scale, bias) is given.
 
   Options come from `module`, which also gets the `batch_stats` `mean` and
   `var`. In training, the
   statistics are taken per virtual batch (all of the batch when
   `virtual_batch_size` is None) and the running statistics move towards
   their mean over virtual batches. They are not moved during `init`, as in
-  Flax, so `init(..., train=True)` leaves them at zeros/ones.
+  Flax, so `init(..., train=True)` leaves them at zeros/ones. With `affine`,
+  training goes through `batch_norm_affine` (closed-form backward pass).
   """
   momentum, epsilon = module.momentum, module.epsilon
   virtual_batch_size = module.virtual_batch_size
@@ -203,8 +207,9 @@ def _batch_normalize(module: _RunningStatsNorm, x, train: bool, kind: str):
   ra_var = module.variable("batch_stats", "var",
                            lambda: jnp.ones((channels,), jnp.float32))
   if not train:
-    return (x - ra_mean.value) * jnp.reciprocal(
+    y = (x - ra_mean.value) * jnp.reciprocal(
         jnp.sqrt(ra_var.value.astype(x.dtype) + epsilon))
+    return y if affine is None else y * affine[0] + affine[1]
 
   n = x.shape[0]
   if virtual_batch_size is None:
@@ -219,10 +224,10 @@ def _batch_normalize(module: _RunningStatsNorm, x, train: bool, kind: str):
           f"({_divisors(n)})")
     groups = n // virtual_batch_size
   xg = x.reshape((groups, n // groups) + x.shape[1:])
-  axes = tuple(range(1, xg.ndim - 1))
-  mean = xg.mean(axes, keepdims=True)
-  # Two-pass variance: E[x^2] - E[x]^2 cancels badly when |mean| >> std.
-  var = jnp.square(xg - mean).mean(axes, keepdims=True)
+  # With `affine` the statistics are computed again inside
+  # batch_norm_affine, by the same expressions: XLA computes them once.
+  mean, var, r = _bn_stats(
+      xg if affine is None else jax.lax.stop_gradient(xg), epsilon)
 
   if not module.is_initializing():
     count = math.prod(xg.shape[1:-1])  # values per channel per virtual batch
@@ -241,8 +246,58 @@ def _batch_normalize(module: _RunningStatsNorm, x, train: bool, kind: str):
     ra_var.value = (momentum * ra_var.value
                     + (1.0 - momentum) * batch_var.astype(jnp.float32))
 
-  y = (xg - mean) * jnp.reciprocal(jnp.sqrt(var + epsilon))
+  if affine is None:
+    y = (xg - mean) * r
+  else:
+    y = batch_norm_affine(xg, affine[0], affine[1], epsilon)
   return y.reshape(x.shape)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def batch_norm_affine(xg, scale, bias, epsilon: float):
+  """scale * (xg - mean) / sqrt(var + epsilon) + bias, the statistics over
+  every axis of `xg` but the first (virtual batches) and the last
+  (channels), with the closed-form backward pass.
+
+  Autodiff of the forward computation writes the backward as many small
+  reductions and elementwise passes; the closed form (as cuDNN's and
+  PyTorch's kernels) needs two reductions per channel, sum(g) and
+  sum(g * xhat), which are also the bias and scale gradients, and one
+  elementwise pass: dx = scale * r * (g - mean(g) - xhat * mean(g * xhat)),
+  r = 1 / sqrt(var + epsilon).
+  """
+  y, _ = _bn_affine_fwd(xg, scale, bias, epsilon)
+  return y
+
+
+def _bn_stats(xg, epsilon: float):
+  axes = tuple(range(1, xg.ndim - 1))
+  mean = xg.mean(axes, keepdims=True)
+  # Two-pass variance: E[x^2] - E[x]^2 cancels badly when |mean| >> std.
+  var = jnp.square(xg - mean).mean(axes, keepdims=True)
+  return mean, var, jnp.reciprocal(jnp.sqrt(var + epsilon))
+
+
+def _bn_affine_fwd(xg, scale, bias, epsilon: float):
+  mean, _, r = _bn_stats(xg, epsilon)
+  y = (xg - mean) * r * scale + bias
+  return y, (xg, mean, r, scale)
+
+
+def _bn_affine_bwd(epsilon: float, res, g):
+  del epsilon
+  xg, mean, r, scale = res
+  axes = tuple(range(1, xg.ndim - 1))
+  count = math.prod(xg.shape[1:-1])
+  xhat = (xg - mean) * r
+  sum_g = g.sum(axes, keepdims=True)
+  sum_gx = (g * xhat).sum(axes, keepdims=True)
+  dx = (scale * r) * (g - (sum_g + xhat * sum_gx) / count)
+  flat = lambda a: a.reshape(-1, a.shape[-1]).sum(0)
+  return dx, flat(sum_gx), flat(sum_g)
+
+
+batch_norm_affine.defvjp(_bn_affine_fwd, _bn_affine_bwd)
 
 
 def _instance_normalize(x, epsilon: float, kind: str):
@@ -258,9 +313,14 @@ def _instance_normalize(x, epsilon: float, kind: str):
   return (x - mean) * jnp.reciprocal(jnp.sqrt(var + epsilon))
 
 
-def _affine(module: nn.Module, y, channels: int):
+def _affine_params(module: nn.Module, channels: int):
   scale = module.param("scale", nn.initializers.ones, (channels,), jnp.float32)
   bias = module.param("bias", nn.initializers.zeros, (channels,), jnp.float32)
+  return scale, bias
+
+
+def _affine(module: nn.Module, y, channels: int):
+  scale, bias = _affine_params(module, channels)
   return y * scale + bias
 
 
@@ -328,8 +388,9 @@ class BatchNorm(_RunningStatsNorm):
   @nn.compact
   def __call__(self, x, train: bool = False):
     x32 = x.astype(_stat_dtype(x))
-    y = _batch_normalize(self, x32, train, "batch")
-    return _affine(self, y, x.shape[-1]).astype(x.dtype)
+    y = _batch_normalize(self, x32, train, "batch",
+                         _affine_params(self, x.shape[-1]))
+    return y.astype(x.dtype)
 
 
 @register("group", ("num_groups", "group_size", "epsilon"), _check_group)

@@ -13,6 +13,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from jaxreg import fastconv
+
 ModuleDef = Any
 Array = jax.Array
 
@@ -30,10 +32,18 @@ torch_default_init = nn.initializers.variance_scaling(1.0 / 3.0, "fan_in",
 
 
 def conv(features: int, kernel: int, strides: int = 1, *, use_bias: bool,
-         name: str) -> nn.Conv:
-  """A square nn.Conv with Flax's default (LeCun normal) init."""
+         name: str, impl: str = "xla", in_features: int | None = None
+         ) -> nn.Module:
+  """A square nn.Conv with Flax's default (LeCun normal) init, or the
+  fastconv.SliceConv with the same parameters where `impl` (one of
+  fastconv.CONV_IMPLS) picks it for a stride-1 conv of `in_features` input
+  channels (fastconv.use_slice_conv)."""
   # Symmetric padding (PyTorch style) so stride-2 3x3 convs see the same
   # pixels as the reference implementations; 1x1 convs need none.
+  if strides == 1 and in_features is not None and fastconv.use_slice_conv(
+      impl, jax.default_backend(), kernel, in_features):
+    return fastconv.SliceConv(features, kernel, padding=kernel // 2,
+                              use_bias=use_bias, name=name)
   return nn.Conv(features, (kernel, kernel), strides=(strides, strides),
                  padding=kernel // 2, use_bias=use_bias, name=name)
 

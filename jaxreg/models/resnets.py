@@ -7,6 +7,7 @@ from typing import Sequence
 import flax.linen as nn
 import jax.numpy as jnp
 
+from jaxreg import fastconv
 from jaxreg.models import layers
 from jaxreg.models import options
 
@@ -29,16 +30,19 @@ class BasicBlock(nn.Module):
   strides: int
   norm: ModuleDef
   dropout: float = 0.0
+  conv_impl: str = "xla"  # fastconv.CONV_IMPLS, for the stride-1 convs.
 
   @nn.compact
   def __call__(self, x: Array, train: bool = False,
                dropout_keep: Array | None = None) -> Array:
     y = layers.conv(self.features, 3, self.strides, use_bias=False,
-                    name="conv1")(x)
+                    name="conv1", impl=self.conv_impl,
+                    in_features=x.shape[-1])(x)
     y = self.norm(name="norm1")(y, train=train)
     y = nn.relu(y)
     y = layers.dropout(self.dropout, y, train, "drop1", dropout_keep)
-    y = layers.conv(self.features, 3, use_bias=False, name="conv2")(y)
+    y = layers.conv(self.features, 3, use_bias=False, name="conv2",
+                    impl=self.conv_impl, in_features=y.shape[-1])(y)
     y = self.norm(name="norm2")(y, train=train)
     shortcut = x
     if self.strides != 1:
@@ -58,17 +62,21 @@ class CifarResNet(nn.Module):
   norm: ModuleDef
   depth: int = 14
   dropout: float = 0.0
+  # How the stride-1 convs are computed (fastconv.CONV_IMPLS); the same
+  # parameters either way.
+  conv_impl: str = "xla"
 
   @nn.compact
   def __call__(self, x: Array, train: bool = False) -> Array:
     n = (self.depth - 2) // 6
     keep = layers.traced_keep(self, ("dropout",))["dropout"]
-    x = layers.conv(16, 3, use_bias=False, name="stem_conv")(x)
+    x = layers.conv(16, 3, use_bias=False, name="stem_conv",
+                    impl=self.conv_impl, in_features=x.shape[-1])(x)
     x = self.norm(name="stem_norm")(x, train=train)
     x = nn.relu(x)
     for stage, _, strides, name in layers.residual_blocks((n, n, n)):
       x = BasicBlock(16 * 2**stage, strides, self.norm, self.dropout,
-                     name=name)(x, train, keep)
+                     self.conv_impl, name=name)(x, train, keep)
     x = jnp.mean(x, axis=(1, 2))
     return nn.Dense(self.num_classes, name="classifier")(x)
 
@@ -81,10 +89,24 @@ def _check_depth(cfg, key: str) -> None:
         "n >= 1 (8, 14, 20, 32, 44, 56, 110)")
 
 
-@options.register("cifar_resnet", {"depth": _check_depth})
+def _check_conv_impl(cfg, key: str) -> None:
+  fastconv.check_conv_impl(cfg[key])
+
+
+def _conv_impl(cfg) -> str:
+  """The ResNets' conv_impl: "auto" is nn.Conv everywhere. Measured on the
+  2-core CPU (bench/README.md, ResNet-14 step): SliceConv for every
+  stride-1 conv 2.2x slower, and fastconv's S3 rule (SliceConv for the
+  one-channel stem) within noise of nn.Conv, so no layer takes it."""
+  return "xla" if cfg.conv_impl == "auto" else str(cfg.conv_impl)
+
+
+@options.register("cifar_resnet", {"depth": _check_depth,
+                                   "conv_impl": _check_conv_impl})
 def _build_cifar_resnet(cfg, num_classes, norm):
   return CifarResNet(num_classes, norm, depth=int(cfg.depth),
-                     dropout=float(cfg.dropout))
+                     dropout=float(cfg.dropout),
+                     conv_impl=_conv_impl(cfg))
 
 
 # --------------------------------------------------------------------------
@@ -181,10 +203,12 @@ class ConvUnit(nn.Module):
   features: int
   norm: ModuleDef
   pool: bool = False
+  conv_impl: str = "xla"  # fastconv.CONV_IMPLS
 
   @nn.compact
   def __call__(self, x: Array, train: bool = False) -> Array:
-    x = layers.conv(self.features, 3, use_bias=False, name="conv")(x)
+    x = layers.conv(self.features, 3, use_bias=False, name="conv",
+                    impl=self.conv_impl, in_features=x.shape[-1])(x)
     x = self.norm(name="norm")(x, train=train)
     x = nn.relu(x)
     if self.pool:
@@ -203,21 +227,23 @@ class ResNet9(nn.Module):
   width: int = 64
   logit_scale: float = 0.125
   dropout: float = 0.0
+  conv_impl: str = "xla"  # fastconv.CONV_IMPLS; the same parameters.
 
   @nn.compact
   def __call__(self, x: Array, train: bool = False) -> Array:
     w = self.width
+    impl = self.conv_impl
     keep = layers.traced_keep(self, ("dropout",))["dropout"]
-    x = ConvUnit(w, self.norm, name="prep")(x, train)
+    x = ConvUnit(w, self.norm, conv_impl=impl, name="prep")(x, train)
     for layer, features, residual in ((1, 2 * w, True), (2, 4 * w, False),
                                       (3, 8 * w, True)):
-      x = ConvUnit(features, self.norm, pool=True, name=f"layer{layer}")(
-          x, train)
+      x = ConvUnit(features, self.norm, pool=True, conv_impl=impl,
+                   name=f"layer{layer}")(x, train)
       if residual:
         y = x
         for r in (1, 2):
-          y = ConvUnit(features, self.norm, name=f"layer{layer}_res{r}")(
-              y, train)
+          y = ConvUnit(features, self.norm, conv_impl=impl,
+                       name=f"layer{layer}_res{r}")(y, train)
           y = layers.dropout(self.dropout, y, train,
                              f"layer{layer}_res{r}_drop", keep)
         x = x + y
@@ -227,8 +253,9 @@ class ResNet9(nn.Module):
 
 
 @options.register("resnet9", {"width": options.positive_int,
-                              "logit_scale": options.positive_number})
+                              "logit_scale": options.positive_number,
+                              "conv_impl": _check_conv_impl})
 def _build_resnet9(cfg, num_classes, norm):
   return ResNet9(num_classes, norm, width=int(cfg.width),
                  logit_scale=float(cfg.logit_scale),
-                 dropout=float(cfg.dropout))
+                 dropout=float(cfg.dropout), conv_impl=_conv_impl(cfg))
