@@ -40,6 +40,33 @@ from jaxreg import hostmem  # pylint: disable=g-import-not-at-top
 HOST_TUNING = hostmem.tune()
 
 
+TORCH_INSTALL_HINT = ("PyTorch is not installed; it is only needed for "
+                      "the comparison: pip install torch==2.13.0 (a CPU "
+                      "build)")
+
+
+def torch_available() -> bool:
+  """Whether PyTorch imports (the PyTorch twins are optional)."""
+  try:
+    import torch  # pylint: disable=g-import-not-at-top,unused-import
+  except ImportError:
+    return False
+  return True
+
+
+def compiled_train_step(steps) -> dict:
+  """A `steps.Steps`' train step compiled once (no scan) with a fresh state:
+  {"train": the compiled step, "compile_s", "state", "rng", "perm",
+  "images", "labels"}, what the step benches call it with."""
+  state = steps.init_state(jax.random.key(0))
+  rng = jax.random.key(1)
+  compiled, compile_s = steps.compile(state, rng, scan=False)
+  d = steps.data
+  return {"train": compiled.train, "compile_s": compile_s, "state": state,
+          "rng": rng, "perm": steps.perm(jax.random.key(0)),
+          "images": d.train_images, "labels": d.train_labels}
+
+
 def load_avg() -> float:
   """The 1-minute load average."""
   return os.getloadavg()[0]

@@ -238,19 +238,11 @@ def main(argv: Sequence[str] | None = None) -> None:
   p.add_argument("--no_torch", action="store_true")
   p.add_argument("--skip_layers", action="store_true")
   a = p.parse_args(argv)
-  with_torch = not a.no_torch and _torch_available()
+  with_torch = not a.no_torch and benchlib.torch_available()
   print(benchlib.environment())
   if not a.skip_layers:
     per_layer(a.reps, with_torch)
   whole_step(a.rounds, a.steps, with_torch)
-
-
-def _torch_available() -> bool:
-  try:
-    import torch  # pylint: disable=g-import-not-at-top,unused-import
-  except ImportError:
-    return False
-  return True
 
 
 if __name__ == "__main__":

@@ -162,8 +162,8 @@ def main(argv):
     if n not in LOOPS:
       raise app.UsageError(f"--loops: unknown {n!r}; valid: "
                            f"{', '.join(LOOPS)}")
-  if not torch_mnist.available():
-    print(f"PyTorch rows SKIPPED: {torch_mnist.INSTALL_HINT}")
+  if not benchlib.torch_available():
+    print(f"PyTorch rows SKIPPED: {benchlib.TORCH_INSTALL_HINT}")
     names = [n for n in names if not LOOPS[n][1]]
 
   load0 = benchlib.wait_for_quiet(_MAX_LOAD.value, _WAIT_S.value)

@@ -201,16 +201,13 @@ def main(argv):
     opts = {} if _XLA.value == ["default"] else dict(
         kv.split("=", 1) for kv in _XLA.value)
     steps.speed = dataclasses.replace(steps.speed, compiler_options=opts)
-  state = steps.init_state(jax.random.key(0))
-  rng = jax.random.key(1)
-  compiled, compile_s = steps.compile(state, rng, scan=False)
-  d = steps.data
-  perm = steps.perm(jax.random.key(0))
+  c = benchlib.compiled_train_step(steps)
+  compile_s = c["compile_s"]
   load0 = benchlib.load_avg()
-  ops, wall_ms = trace(compiled.train, (state, d.train_images, d.train_labels,
-                                        perm, None, rng), _STEPS.value)
+  ops, wall_ms = trace(c["train"], (c["state"], c["images"], c["labels"],
+                                    c["perm"], None, c["rng"]), _STEPS.value)
   load1 = benchlib.load_avg()
-  instrs, comps, entry = parse_hlo(compiled.train.as_text())
+  instrs, comps, entry = parse_hlo(c["train"].as_text())
   top = {i.name for i in comps[entry]}
   n = _STEPS.value
   per_cat = collections.Counter()

@@ -195,8 +195,8 @@ def main(argv):
       raise app.UsageError(f"--models: unknown {m!r}; valid: "
                            f"{', '.join(DEFAULT_STEPS)}")
   names = list(_LOOPS.value)
-  if not torch_resnet.available():
-    print(f"PyTorch rows SKIPPED: {torch_resnet.INSTALL_HINT}")
+  if not benchlib.torch_available():
+    print(f"PyTorch rows SKIPPED: {benchlib.TORCH_INSTALL_HINT}")
     names = [n for n in names if LOOPS[n][1] is None]
   result = {}
   for model in _MODELS.value:

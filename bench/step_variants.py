@@ -58,14 +58,10 @@ def build(spec: str, overrides: list[str]):
         k, _, v = s[4:].partition("=")
         opts[k] = v
     steps.speed = dataclasses.replace(steps.speed, compiler_options=opts)
-  state = steps.init_state(jax.random.key(0))
-  rng = jax.random.key(1)
-  compiled, compile_s = steps.compile(state, rng, scan=False)
-  d = steps.data
-  perm = steps.perm(jax.random.key(0))
-  return {"fn": compiled.train, "state": state, "rng": rng, "perm": perm,
-          "images": d.train_images, "labels": d.train_labels,
-          "compile_s": compile_s, "i": 0}
+  v = benchlib.compiled_train_step(steps)
+  v["fn"] = v.pop("train")
+  v["i"] = 0
+  return v
 
 
 def run(v: dict, n: int) -> float:

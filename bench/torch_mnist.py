@@ -33,19 +33,9 @@ from absl import flags
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import benchlib  # pylint: disable=g-import-not-at-top,wrong-import-position
 
-INSTALL_HINT = ("PyTorch is not installed; it is only needed for this "
-                "comparison: pip install torch==2.13.0 (a CPU build)")
 
 _EPOCHS = flags.DEFINE_integer("epochs", 4, "Epochs (the first is reported "
                                "apart, the median of the others as steady).")
-
-
-def available() -> bool:
-  try:
-    import torch  # pylint: disable=g-import-not-at-top,unused-import
-  except ImportError:
-    return False
-  return True
 
 
 def build_net(config) -> Any:
@@ -145,8 +135,8 @@ def epoch_times(loop: TorchLoop, epochs: int) -> Iterator[float]:
 
 def main(argv):
   del argv
-  if not available():
-    print(f"SKIPPED: {INSTALL_HINT}")
+  if not benchlib.torch_available():
+    print(f"SKIPPED: {benchlib.TORCH_INSTALL_HINT}")
     return
   import torch  # pylint: disable=g-import-not-at-top
   from jaxreg import data as data_lib  # pylint: disable=g-import-not-at-top

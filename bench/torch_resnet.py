@@ -36,16 +36,6 @@ from typing import Any
 
 import numpy as np
 
-INSTALL_HINT = ("PyTorch is not installed; it is only needed for this "
-                "comparison: pip install torch==2.13.0 (a CPU build)")
-
-
-def available() -> bool:
-  try:
-    import torch  # pylint: disable=g-import-not-at-top,unused-import
-  except ImportError:
-    return False
-  return True
 
 
 def _lecun_normal_(w) -> None:

@@ -118,22 +118,30 @@ def test_bad_options_raise():
     fastconv.SliceConv(3, (3, 3, 3)).init(jax.random.key(0), x)
 
 
-@pytest.mark.parametrize("impl", ["auto", "slices"])
-def test_mnist_cnn_conv_impls_share_params_and_outputs(impl):
-  from jaxreg import config as config_lib
+def _xla_and_impl_models(cfg, impl: str, x_shape, seed: int):
+  """The model of `cfg` with nn.Conv and with `conv_impl=impl`, the first's
+  variables and an input; asserts that the same checkpoint loads into
+  either (identical parameter trees)."""
   from jaxreg import models
-  cfg = config_lib.model_config()
-  cfg.norm = "group"  # No batch statistics: one forward pass to compare.
   cfg.conv_impl = "xla"
   ref = models.build_model(cfg, 10)
   cfg.conv_impl = impl
   other = models.build_model(cfg, 10)
-  x = jnp.asarray(np.random.default_rng(0).normal(size=(3, 28, 28, 1)),
+  x = jnp.asarray(np.random.default_rng(seed).normal(size=x_shape),
                   jnp.float32)
   variables = ref.init(jax.random.key(0), x)
-  # The same checkpoint loads into either: identical parameter trees.
   assert (jax.tree.structure(variables) ==
           jax.tree.structure(other.init(jax.random.key(0), x)))
+  return ref, other, variables, x
+
+
+@pytest.mark.parametrize("impl", ["auto", "slices"])
+def test_mnist_cnn_conv_impls_share_params_and_outputs(impl):
+  from jaxreg import config as config_lib
+  cfg = config_lib.model_config()
+  cfg.norm = "group"  # No batch statistics: one forward pass to compare.
+  ref, other, variables, x = _xla_and_impl_models(cfg, impl, (3, 28, 28, 1),
+                                                  seed=0)
   np.testing.assert_allclose(other.apply(variables, x),
                              ref.apply(variables, x), rtol=1e-4, atol=1e-5)
   # "slices" replaces every conv; on CPU "auto" the 1x1 transitions and
@@ -171,21 +179,13 @@ def test_mnist_cnn_refuses_unknown_conv_impl():
 @pytest.mark.parametrize("impl", ["auto", "slices"])
 def test_resnet_conv_impls_share_params_and_outputs(name, kw, impl):
   from jaxreg import config as config_lib
-  from jaxreg import models
   cfg = config_lib.model_config()
   cfg.name = name
   cfg.update(kw)
   cfg.norm = "group"  # No batch statistics: one forward pass to compare.
   cfg.norm_kwargs.num_groups = 4
-  cfg.conv_impl = "xla"
-  ref = models.build_model(cfg, 10)
-  cfg.conv_impl = impl
-  other = models.build_model(cfg, 10)
-  x = jnp.asarray(np.random.default_rng(1).normal(size=(2, 16, 16, 1)),
-                  jnp.float32)
-  variables = ref.init(jax.random.key(0), x)
-  assert (jax.tree.structure(variables) ==
-          jax.tree.structure(other.init(jax.random.key(0), x)))
+  ref, other, variables, x = _xla_and_impl_models(cfg, impl, (2, 16, 16, 1),
+                                                  seed=1)
   # float32 summation orders differ (dots vs convolutions); measured
   # 6e-7 absolute on logits of size ~1.
   np.testing.assert_allclose(jax.jit(other.apply)(variables, x),
