@@ -7,8 +7,10 @@ is not comparable with one taken on an idle machine.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import resource
+import types
 import statistics
 import sys
 import time
@@ -21,6 +23,7 @@ if str(ROOT) not in sys.path:
 
 import jax  # pylint: disable=g-import-not-at-top
 import flax.linen as nn  # pylint: disable=g-import-not-at-top
+from flax.linen import linear as flax_linear  # pylint: disable=g-import-not-at-top
 import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
 import ml_collections  # pylint: disable=g-import-not-at-top
 import numpy as np  # pylint: disable=g-import-not-at-top
@@ -65,6 +68,58 @@ def compiled_train_step(steps) -> dict:
   return {"train": compiled.train, "compile_s": compile_s, "state": state,
           "rng": rng, "perm": steps.perm(jax.random.key(0)),
           "images": d.train_images, "labels": d.train_labels}
+
+
+CONV_GRADIENTS = ("dw", "dx", "dw+dx")
+
+
+@contextlib.contextmanager
+def dropped_conv_gradients(drop: str):
+  """While active, every nn.Conv traced computes its convolution through a
+  custom VJP whose weight gradient ("dw"), input gradient ("dx") or both
+  ("dw+dx") are zeros, so that a step compiled inside it lacks those
+  convolutions: its time against the full step's is what they cost inside
+  the step. (XLA:CPU's Eigen convolutions run asynchronously on the
+  intra-op pool, so a profile's convolution thunks show only their launch.)
+
+  Measurement only: the step trains wrongly. Works by giving
+  flax.linen.linear a `lax` whose conv_general_dilated is wrapped, since
+  nn.Conv looks it up there at trace time and offers no other hook.
+  """
+  if drop not in CONV_GRADIENTS:
+    raise ValueError(f"drop={drop!r}; valid choices: "
+                     f"{', '.join(CONV_GRADIENTS)}")
+  real = jax.lax.conv_general_dilated
+
+  def conv(x, w, *args, **kwargs):
+    f = lambda x, w: real(x, w, *args, **kwargs)
+
+    @jax.custom_vjp
+    def c(x, w):
+      return f(x, w)
+
+    def fwd(x, w):
+      return f(x, w), (x, w)
+
+    def bwd(res, g):
+      x, w = res
+      dx = (jnp.zeros_like(x) if "dx" in drop
+            else jax.vjp(lambda x: f(x, w), x)[1](g)[0])
+      dw = (jnp.zeros_like(w) if "dw" in drop
+            else jax.vjp(lambda w: f(x, w), w)[1](g)[0])
+      return dx, dw
+
+    c.defvjp(fwd, bwd)
+    return c(x, w)
+
+  lax = flax_linear.lax
+  flax_linear.lax = types.SimpleNamespace(
+      **{k: getattr(lax, k) for k in dir(lax) if not k.startswith("__")})
+  flax_linear.lax.conv_general_dilated = conv
+  try:
+    yield
+  finally:
+    flax_linear.lax = lax
 
 
 def load_avg() -> float:

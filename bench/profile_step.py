@@ -26,6 +26,14 @@ Thunks may run two at a time (XLA:CPU's thunk executor runs independent
 ones concurrently), so shares are of the summed op time; the step's wall
 time is printed beside it.
 
+What a trace cannot show: XLA:CPU's convolutions (Eigen) run
+asynchronously on the intra-op thread pool, and their thunk's event ends
+when the work is handed over, so the conv rows are the launch only (13
+forward convolutions of ResNet-14 "take" 1.6 ms; alone they take 32 ms,
+bench/conv_layers.py). The sum of ops is therefore about half the wall
+time. What the convolutions cost inside the step is measured by leaving
+them out: `bench/step_variants.py --variant='no conv grads:drop=dw+dx'`.
+
   python bench/profile_step.py                       # S4: ResNet-14, batch 128
   python bench/profile_step.py --study=resnet9
   python bench/profile_step.py --override=model.conv_impl=xla
@@ -231,6 +239,9 @@ def main(argv):
                                ["wall per step (untraced)", wall_ms, "", ""]],
       f"Train step by op category ({n} traced steps; load {load0:.2f} -> "
       f"{load1:.2f})")
+  print("Convolution rows are their launch only (Eigen runs them "
+        "asynchronously, untraced): their cost inside the step is "
+        "bench/step_variants.py's drop=dw / drop=dx.")
   if _LAYERS.value:
     per_layer = collections.defaultdict(lambda: [0.0, 0])
     for name, ms in per_op.items():

@@ -13,12 +13,16 @@ and the median over rounds of each variant's time / the first variant's.
 
 A variant is 'NAME:SPEC' with SPEC a comma-free list of ';'-separated items:
 `key=value` config overrides, `xla=default` (XLA's default options) or
-`xla.KEY=VALUE` (compiler options replacing the trainer's). The norm
+`xla.KEY=VALUE` (compiler options replacing the trainer's), or
+`drop=dw|dx|dw+dx` (the convolutions' weight and/or input gradients
+replaced by zeros, benchlib.dropped_conv_gradients: what those passes cost
+inside the step, which a profile cannot show). The norm
 `batch_autodiff` (benchlib.AutodiffBatchNorm) is norm=batch differentiated
 by JAX, as it was before its closed-form backward pass.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import sys
@@ -46,8 +50,10 @@ def build(spec: str, overrides: list[str]):
   """The compiled step of one variant and its arguments."""
   items = [s for s in spec.split(";") if s]
   xla = [s for s in items if s.startswith("xla")]
+  drop = [s[len("drop="):] for s in items if s.startswith("drop=")]
   config = benchlib.resnet_config(
-      _STUDY.value, overrides + [s for s in items if s not in xla])
+      _STUDY.value, overrides + [s for s in items if s not in xla
+                                 and not s.startswith("drop=")])
   batch = config.train.batch_size
   ds = benchlib.synthetic_dataset((28, 28, 1), 10, 16 * batch)
   steps = benchlib.TrainerLoop(config, ds).engine.steps
@@ -56,9 +62,12 @@ def build(spec: str, overrides: list[str]):
     for s in xla:
       if s.startswith("xla."):
         k, _, v = s[4:].partition("=")
-        opts[k] = v
+        # XLA refuses the strings "true"/"false" for its bool options.
+        opts[k] = {"true": True, "false": False}.get(v, v)
     steps.speed = dataclasses.replace(steps.speed, compiler_options=opts)
-  v = benchlib.compiled_train_step(steps)
+  with (benchlib.dropped_conv_gradients(drop[-1]) if drop
+        else contextlib.nullcontext()):
+    v = benchlib.compiled_train_step(steps)
   v["fn"] = v.pop("train")
   v["i"] = 0
   return v
