@@ -30,8 +30,12 @@ the sums over the network, to set beside the whole step's time
 (bench/step_variants.py, with `model.norm=none` for the step without batch
 norm).
 
-  python bench/conv_layers.py               # 3 rounds
+  python bench/conv_layers.py               # 3 rounds, about 1.5 minutes
   python bench/conv_layers.py --rounds=1 --repeats=5
+  python bench/conv_layers.py --rounds=1 \
+      --xla=xla_cpu_experimental_onednn_fusion_type=LIBRARY_FUSION_TYPE_INDIVIDUAL_CONVOLUTION
+  python bench/conv_layers.py --child=jax --xla=...  # the jax side's raw
+                                            # seconds (JSON), one process
 """
 from __future__ import annotations
 
