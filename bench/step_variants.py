@@ -16,7 +16,9 @@ A variant is 'NAME:SPEC' with SPEC a comma-free list of ';'-separated items:
 `xla.KEY=VALUE` (compiler options replacing the trainer's), or
 `drop=dw|dx|dw+dx` (the convolutions' weight and/or input gradients
 replaced by zeros, benchlib.dropped_conv_gradients: what those passes cost
-inside the step, which a profile cannot show). The norm
+inside the step, which a profile cannot show) or `conv=torch` (the
+convolutions computed by PyTorch's oneDNN kernels through callbacks,
+benchlib.torch_convolutions). The norm
 `batch_autodiff` (benchlib.AutodiffBatchNorm) is norm=batch differentiated
 by JAX, as it was before its closed-form backward pass.
 """
@@ -51,9 +53,10 @@ def build(spec: str, overrides: list[str]):
   items = [s for s in spec.split(";") if s]
   xla = [s for s in items if s.startswith("xla")]
   drop = [s[len("drop="):] for s in items if s.startswith("drop=")]
+  torch = "conv=torch" in items
   config = benchlib.resnet_config(
       _STUDY.value, overrides + [s for s in items if s not in xla
-                                 and not s.startswith("drop=")])
+                                 and not s.startswith(("drop=", "conv="))])
   batch = config.train.batch_size
   ds = benchlib.synthetic_dataset((28, 28, 1), 10, 16 * batch)
   steps = benchlib.TrainerLoop(config, ds).engine.steps
@@ -65,8 +68,11 @@ def build(spec: str, overrides: list[str]):
         # XLA refuses the strings "true"/"false" for its bool options.
         opts[k] = {"true": True, "false": False}.get(v, v)
     steps.speed = dataclasses.replace(steps.speed, compiler_options=opts)
-  with (benchlib.dropped_conv_gradients(drop[-1]) if drop
-        else contextlib.nullcontext()):
+  with contextlib.ExitStack() as patches:
+    if drop:
+      patches.enter_context(benchlib.dropped_conv_gradients(drop[-1]))
+    if torch:
+      patches.enter_context(benchlib.torch_convolutions())
     v = benchlib.compiled_train_step(steps)
   v["fn"] = v.pop("train")
   v["i"] = 0
