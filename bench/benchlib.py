@@ -75,6 +75,23 @@ CONV_GRADIENTS = ("dw", "dx", "dw+dx")
 
 
 @contextlib.contextmanager
+def _flax_conv_replaced(conv: Callable[..., Any]):
+  """While active, nn.Conv computes its convolutions with `conv` (the
+  signature of lax.conv_general_dilated). nn.Conv looks
+  lax.conv_general_dilated up in flax.linen.linear's `lax` at trace time and
+  offers no other hook, so that module gets a copy of `lax` with `conv` in
+  it; jax itself is untouched."""
+  lax = flax_linear.lax
+  flax_linear.lax = types.SimpleNamespace(
+      **{k: getattr(lax, k) for k in dir(lax) if not k.startswith("__")})
+  flax_linear.lax.conv_general_dilated = conv
+  try:
+    yield
+  finally:
+    flax_linear.lax = lax
+
+
+@contextlib.contextmanager
 def dropped_conv_gradients(drop: str):
   """While active, every nn.Conv traced computes its convolution through a
   custom VJP whose weight gradient ("dw"), input gradient ("dx") or both
@@ -83,9 +100,7 @@ def dropped_conv_gradients(drop: str):
   the step. (XLA:CPU's Eigen convolutions run asynchronously on the
   intra-op pool, so a profile's convolution thunks show only their launch.)
 
-  Measurement only: the step trains wrongly. Works by giving
-  flax.linen.linear a `lax` whose conv_general_dilated is wrapped, since
-  nn.Conv looks it up there at trace time and offers no other hook.
+  Measurement only: the step trains wrongly.
   """
   if drop not in CONV_GRADIENTS:
     raise ValueError(f"drop={drop!r}; valid choices: "
@@ -113,14 +128,8 @@ def dropped_conv_gradients(drop: str):
     c.defvjp(fwd, bwd)
     return c(x, w)
 
-  lax = flax_linear.lax
-  flax_linear.lax = types.SimpleNamespace(
-      **{k: getattr(lax, k) for k in dir(lax) if not k.startswith("__")})
-  flax_linear.lax.conv_general_dilated = conv
-  try:
+  with _flax_conv_replaced(conv):
     yield
-  finally:
-    flax_linear.lax = lax
 
 
 @contextlib.contextmanager
@@ -130,8 +139,7 @@ def torch_convolutions():
   what faster kernels give inside XLA's step when reached from Python.
   NHWC arrays are handed over as channels_last tensors without copies.
   Measurement only (PyTorch is no jaxreg dependency); stride and symmetric
-  padding only, which is every conv of the ResNets. Patches
-  flax.linen.linear's `lax` as dropped_conv_gradients does.
+  padding only, which is every conv of the ResNets.
   """
   import torch  # pylint: disable=g-import-not-at-top
   torch.set_num_threads(2)
@@ -182,14 +190,21 @@ def torch_convolutions():
     c.defvjp(lambda x, w: (c(x, w), (x, w)), bwd)
     return c(x, w)
 
-  lax = flax_linear.lax
-  flax_linear.lax = types.SimpleNamespace(
-      **{k: getattr(lax, k) for k in dir(lax) if not k.startswith("__")})
-  flax_linear.lax.conv_general_dilated = conv
-  try:
+  with _flax_conv_replaced(conv):
     yield
-  finally:
-    flax_linear.lax = lax
+
+
+def time_call(fn: Callable[[], Any], repeats: int, warmup: int = 2) -> float:
+  """Median seconds of fn() (which blocks) over `repeats` calls, after
+  `warmup` untimed ones."""
+  for _ in range(warmup):
+    fn()
+  ts = []
+  for _ in range(repeats):
+    t0 = time.perf_counter()
+    fn()
+    ts.append(time.perf_counter() - t0)
+  return median(ts)
 
 
 def load_avg() -> float:

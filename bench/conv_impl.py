@@ -37,13 +37,7 @@ OPTS = steps_lib.XLA_CPU_OPTIONS
 
 def _time(fn: Callable[[], Any], reps: int) -> float:
   """Median ms of fn() (which blocks) after one warm-up call."""
-  fn()
-  ts = []
-  for _ in range(reps):
-    t0 = time.perf_counter()
-    fn()
-    ts.append(time.perf_counter() - t0)
-  return benchlib.median(ts) * 1e3
+  return 1e3 * benchlib.time_call(fn, reps, warmup=1)
 
 
 def _layers() -> list[tuple[str, int, int, int, int, str]]:

@@ -43,7 +43,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 from absl import app
@@ -81,18 +80,6 @@ def layers() -> list[dict]:
            count=1),
       dict(name="stage3 64->64", hw=7, cin=64, cout=64, stride=1, count=3),
   ]
-
-
-def _time(fn, repeats: int) -> float:
-  """Median seconds of fn() (which blocks), after two warm-up calls."""
-  fn()
-  fn()
-  ts = []
-  for _ in range(repeats):
-    t0 = time.perf_counter()
-    fn()
-    ts.append(time.perf_counter() - t0)
-  return benchlib.median(ts)
 
 
 def _taps(x, stride: int, ho: int, wo: int) -> list:
@@ -161,7 +148,7 @@ def _jax_times(batch: int, repeats: int, nchw: bool) -> dict:
     for p, f in fns.items():
       c = jax.jit(f).lower(*args).compile(compiler_options=opts)
       results[p] = np.asarray(c(*args))
-      row[p] = _time(lambda c=c: jax.block_until_ready(c(*args)), repeats)
+      row[p] = benchlib.time_call(lambda c=c: jax.block_until_ready(c(*args)), repeats)
     for p in DW_ALTERNATIVES:
       if p in results:
         ref = results["weight-grad"]
@@ -200,7 +187,7 @@ def _torch_times(batch: int, repeats: int, channels_last: bool) -> dict:
         "weight-grad": lambda: back([False, True, False]),
     }
     with torch.no_grad():
-      out[l["name"]] = {p: _time(f, repeats) for p, f in fns.items()}
+      out[l["name"]] = {p: benchlib.time_call(f, repeats) for p, f in fns.items()}
   return out
 
 
