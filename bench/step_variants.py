@@ -15,10 +15,10 @@ A variant is 'NAME:SPEC' with SPEC a comma-free list of ';'-separated items:
 `key=value` config overrides, `xla=default` (XLA's default options) or
 `xla.KEY=VALUE` (compiler options replacing the trainer's), or
 `drop=dw|dx|dw+dx` (the convolutions' weight and/or input gradients
-replaced by zeros, benchlib.dropped_conv_gradients: what those passes cost
+replaced by zeros, conv_patches.dropped_conv_gradients: what those passes cost
 inside the step, which a profile cannot show) or `conv=torch` (the
 convolutions computed by PyTorch's oneDNN kernels through callbacks,
-benchlib.torch_convolutions). The norm
+conv_patches.torch_convolutions). The norm
 `batch_autodiff` (benchlib.AutodiffBatchNorm) is norm=batch differentiated
 by JAX, as it was before its closed-form backward pass.
 """
@@ -36,6 +36,7 @@ from absl import flags
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import benchlib  # pylint: disable=g-import-not-at-top,wrong-import-position
+import conv_patches  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 jax = benchlib.jax
 np = benchlib.np
@@ -70,9 +71,9 @@ def build(spec: str, overrides: list[str]):
     steps.speed = dataclasses.replace(steps.speed, compiler_options=opts)
   with contextlib.ExitStack() as patches:
     if drop:
-      patches.enter_context(benchlib.dropped_conv_gradients(drop[-1]))
+      patches.enter_context(conv_patches.dropped_conv_gradients(drop[-1]))
     if torch:
-      patches.enter_context(benchlib.torch_convolutions())
+      patches.enter_context(conv_patches.torch_convolutions())
     v = benchlib.compiled_train_step(steps)
   v["fn"] = v.pop("train")
   v["i"] = 0
