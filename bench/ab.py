@@ -14,11 +14,9 @@ median of per-round after/before ratios, with the 1-minute load average.
 """
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import statistics
-import subprocess
 import sys
 from pathlib import Path
 
@@ -26,20 +24,16 @@ from absl import app
 from absl import flags
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "bench"))
+import childproc  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 _BEFORE = flags.DEFINE_string("before", None, "Root of the other version.")
 _ROUNDS = flags.DEFINE_integer("rounds", 3, "Alternating rounds.")
 
 
 def _run(tree: Path, argv: list[str]) -> dict[str, float]:
-  env = {**os.environ, "PYTHONPATH": str(tree)}
-  out = subprocess.run([sys.executable] + argv, cwd=tree, env=env,
-                       capture_output=True, text=True)
-  lines = [l for l in out.stdout.splitlines() if l.startswith("RESULT ")]
-  if out.returncode or not lines:
-    raise RuntimeError(f"{argv} in {tree} failed (rc {out.returncode}):\n"
-                       f"{out.stdout[-2000:]}\n{out.stderr[-3000:]}")
-  return json.loads(lines[-1][len("RESULT "):])
+  return childproc.run_script(argv, f"{argv} in {tree}", cwd=str(tree),
+                              env={**os.environ, "PYTHONPATH": str(tree)})
 
 
 def main(argv):

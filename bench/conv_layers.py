@@ -39,9 +39,7 @@ norm).
 """
 from __future__ import annotations
 
-import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -50,6 +48,7 @@ from absl import flags
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import benchlib  # pylint: disable=g-import-not-at-top,wrong-import-position
+import childproc  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 _ROUNDS = flags.DEFINE_integer("rounds", 3, "Alternating rounds.")
 _REPEATS = flags.DEFINE_integer("repeats", 10, "Timed calls per pass.")
@@ -196,21 +195,14 @@ def _child(kind: str) -> None:
     r = _jax_times(_BATCH.value, _REPEATS.value, kind == "jax_nchw")
   else:
     r = _torch_times(_BATCH.value, _REPEATS.value, kind == "torch_nhwc")
-  print("RESULT " + json.dumps(r))
+  childproc.print_result(r)
 
 
 def _run_child(kind: str) -> dict:
-  env = dict(os.environ, OMP_NUM_THREADS="2")
-  p = subprocess.run(
-      [sys.executable, __file__, f"--child={kind}",
-       f"--batch={_BATCH.value}", f"--repeats={_REPEATS.value}"]
-      + [f"--xla={kv}" for kv in _XLA.value],
-      env=env, capture_output=True, text=True, check=False)
-  for line in p.stdout.splitlines():
-    if line.startswith("RESULT "):
-      return json.loads(line[7:])
-  raise RuntimeError(f"{kind} child failed (exit {p.returncode}):\n"
-                     f"{p.stderr[-3000:]}")
+  return childproc.run_script(
+      [__file__, f"--child={kind}", f"--batch={_BATCH.value}",
+       f"--repeats={_REPEATS.value}"] + [f"--xla={kv}" for kv in _XLA.value],
+      f"{kind} child", env=dict(os.environ, OMP_NUM_THREADS="2"))
 
 
 def main(argv):

@@ -34,9 +34,7 @@ Usage:
 """
 from __future__ import annotations
 
-import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -45,6 +43,7 @@ from absl import flags
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import benchlib  # pylint: disable=g-import-not-at-top,wrong-import-position
+import childproc  # pylint: disable=g-import-not-at-top,wrong-import-position
 import torch_mnist  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 from jaxreg import config as config_lib  # pylint: disable=g-import-not-at-top,wrong-import-position
@@ -138,23 +137,18 @@ def _scan(config, ds) -> dict:
 
 def _run_child(name: str) -> dict:
   tuning = LOOPS[name][0] if name in LOOPS else "1"
-  argv = [sys.executable, __file__, f"--child={name}",
+  argv = [__file__, f"--child={name}",
           f"--steady_epochs={_EPOCHS.value}",
           f"--scan_steps={_SCAN_STEPS.value}"]
   argv += [f"--override={o}" for o in _OVERRIDES.value]
-  out = subprocess.run(argv, capture_output=True, text=True,
-                       env={**os.environ, hostmem.ENV_VAR: tuning})
-  lines = [l for l in out.stdout.splitlines() if l.startswith("RESULT ")]
-  if out.returncode or not lines:
-    raise RuntimeError(f"{name} process failed (rc {out.returncode}):\n"
-                       f"{out.stderr[-3000:]}")
-  return json.loads(lines[-1][len("RESULT "):])
+  return childproc.run_script(argv, f"{name} process",
+                              env={**os.environ, hostmem.ENV_VAR: tuning})
 
 
 def main(argv):
   del argv
   if _CHILD.value:
-    print("RESULT " + json.dumps(_child(_CHILD.value)), flush=True)
+    childproc.print_result(_child(_CHILD.value))
     return
   print(benchlib.environment())
   names = list(_LOOPS.value)
@@ -202,9 +196,9 @@ def main(argv):
       f"{_ROUNDS.value} rounds, load {load0:.2f} -> {load1:.2f}")
 
   # For bench/ab.py: steady epoch seconds.
-  print("RESULT " + json.dumps(
+  childproc.print_result(
       {n: benchlib.median([t for res in runs[n] for t in res["steady_s"]])
-       for n in names}), flush=True)
+       for n in names})
 
   if _SCAN_STEPS.value:
     load0 = benchlib.load_avg()

@@ -39,9 +39,7 @@ Usage:
 """
 from __future__ import annotations
 
-import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -50,6 +48,7 @@ from absl import flags
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import benchlib  # pylint: disable=g-import-not-at-top,wrong-import-position
+import childproc  # pylint: disable=g-import-not-at-top,wrong-import-position
 import torch_resnet  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 from jaxreg import hostmem  # pylint: disable=g-import-not-at-top,wrong-import-position
@@ -123,16 +122,12 @@ def _child(model: str, name: str) -> dict:
 
 
 def _run_child(model: str, name: str) -> dict:
-  argv = [sys.executable, __file__, f"--child={model}/{name}",
+  argv = [__file__, f"--child={model}/{name}",
           f"--steady_epochs={_EPOCHS.value}", f"--steps={_steps(model)}"]
   argv += [f"--override={o}" for o in _OVERRIDE.value]
-  out = subprocess.run(argv, capture_output=True, text=True,
-                       env={**os.environ, hostmem.ENV_VAR: LOOPS[name][0]})
-  lines = [l for l in out.stdout.splitlines() if l.startswith("RESULT ")]
-  if out.returncode or not lines:
-    raise RuntimeError(f"{model}/{name} process failed (rc "
-                       f"{out.returncode}):\n{out.stderr[-3000:]}")
-  return json.loads(lines[-1][len("RESULT "):])
+  return childproc.run_script(
+      argv, f"{model}/{name} process",
+      env={**os.environ, hostmem.ENV_VAR: LOOPS[name][0]})
 
 
 def _epoch_s(res: dict) -> tuple[float, float]:
@@ -183,7 +178,7 @@ def main(argv):
   del argv
   if _CHILD.value:
     model, _, name = _CHILD.value.partition("/")
-    print("RESULT " + json.dumps(_child(model, name)), flush=True)
+    childproc.print_result(_child(model, name))
     return
   print(benchlib.environment())
   for n in _LOOPS.value:
@@ -214,7 +209,7 @@ def main(argv):
     result.update({f"{model}/{n}": benchlib.median(
         [_epoch_s(x)[0] for x in runs[n]]) for n in names})
   # For bench/ab.py: steady epoch seconds.
-  print("RESULT " + json.dumps(result))
+  childproc.print_result(result)
 
 
 if __name__ == "__main__":

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import sys
 import time
 from pathlib import Path
@@ -36,6 +35,7 @@ from absl import flags
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import benchlib  # pylint: disable=g-import-not-at-top,wrong-import-position
+import childproc  # pylint: disable=g-import-not-at-top,wrong-import-position
 import conv_patches  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 jax = benchlib.jax
@@ -114,8 +114,7 @@ def main(argv):
       rows, f"{_STUDY.value}: train step variants ({_ROUNDS.value} rounds x "
       f"{_STEPS.value} steps, load {load0:.2f} -> {load1:.2f})")
   # For bench/ab.py: seconds per step.
-  print("RESULT " + json.dumps({k: benchlib.median(t)
-                                for k, t in times.items()}))
+  childproc.print_result({k: benchlib.median(t) for k, t in times.items()})
 
 
 if __name__ == "__main__":
